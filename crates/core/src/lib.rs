@@ -1,0 +1,4 @@
+//! keelson's pure domain: the app profile and its validation, the lifecycle
+//! document rendered for the agent, and liveness probe expressions. No IO.
+
+pub mod lifecycle;
