@@ -2,3 +2,4 @@
 //! document rendered for the agent, and liveness probe expressions. No IO.
 
 pub mod lifecycle;
+pub mod probe;
