@@ -1,0 +1,687 @@
+//! The sidecar: brings the instance online, keeps its lease, takes it offline.
+//!
+//! ```text
+//!            app appears (new pid/start time)
+//! waiting_for_app ──► checking_url ──pass──► pre_online ──ok──► ONLINE (healthcheck.html)
+//!      ▲                  ▲    ▲                 │ fail                │ label traffic=offline
+//!      │ app exits        │    └── label online ─┼──── traffic_off ◄───┘
+//!      └──────────────────┴──────────────────────┘      pre_online_failed (until the app restarts)
+//!
+//! offline request or SIGTERM: remove healthcheck.html ─► drain (if it was online)
+//!                             ─► preOffline ─► offline ─► (SIGTERM) wait for the app to exit ─► revoke lease
+//! ```
+//!
+//! One control loop owns every transition and runs the hooks; a watcher
+//! thread acknowledges offline requests at once and cancels a running
+//! preOnline when its attempt becomes pointless; a renewer thread keeps the
+//! lease; a server thread answers `/ready` and `/state`. Every transition is
+//! an event line on stdout.
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keelson_core::lifecycle::LifecycleDocument;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::grants::{GrantClient, GrantRequest, Lease, Renewal};
+use crate::hooks::{HookOutcome, HookRunner};
+use crate::http::{ServerResponse, serve};
+use crate::labels::{parse_labels, traffic_off};
+use crate::layout::{
+    Instance, Layout, read_json, remove_if_present, write_atomic, write_json_atomic,
+};
+use crate::output::{Output, rfc3339_now};
+use crate::probes::http_status;
+use crate::process::AppProcess;
+
+/// How often the control loop and the watcher look at the world.
+const TICK: Duration = Duration::from_millis(50);
+
+/// How long the sidecar tries to revoke the lease when it stops.
+const REVOKE_DEADLINE: Duration = Duration::from_secs(15);
+
+/// Where the instance is in its lifecycle, as `/state` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// No app process runs.
+    WaitingForApp,
+    /// Polling the checkurl.
+    CheckingUrl,
+    /// Running preOnline.
+    PreOnline,
+    /// healthcheck.html exists: taking traffic.
+    Online,
+    /// preOnline failed; waits for an app restart.
+    PreOnlineFailed,
+    /// The pod's traffic label says offline.
+    TrafficOff,
+    /// Out of traffic, waiting for connections to drain.
+    Draining,
+    /// Running preOffline.
+    PreOffline,
+    /// Taken offline for a stop; the app may be stopped now.
+    Offline,
+    /// Stopping: waiting for the app to exit before revoking grants.
+    Stopping,
+}
+
+/// An offline request from `offline` (and the sidecar's ack and done files).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OfflineMessage {
+    /// Identifies one request.
+    pub id: String,
+    /// When it was written.
+    pub at: String,
+    /// For `done`: how preOffline ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+}
+
+/// Everything the sidecar needs.
+#[derive(Debug, Clone)]
+pub struct SidecarConfig {
+    /// Paths.
+    pub layout: Layout,
+    /// The lifecycle document.
+    pub doc: LifecycleDocument,
+    /// Who this instance is.
+    pub instance: Instance,
+    /// Where `/ready` and `/state` are served (`0.0.0.0:8901`).
+    pub listen: String,
+    /// The host the checkurl is polled on (`127.0.0.1`: same network namespace).
+    pub checkurl_host: String,
+}
+
+/// What `/state` shows.
+#[derive(Debug, Clone, Serialize)]
+struct View {
+    phase: Phase,
+    since: String,
+    app: Option<AppProcess>,
+    traffic_off: bool,
+    lease_id: Option<String>,
+    last_checkurl_status: Option<u16>,
+    last_hook: Option<serde_json::Value>,
+}
+
+/// What the watcher sees on one look.
+#[derive(Debug, Clone, PartialEq)]
+struct Observed {
+    stop: bool,
+    app: Option<AppProcess>,
+    traffic_off: bool,
+    offline_request: Option<OfflineMessage>,
+}
+
+struct Shared {
+    view: Mutex<View>,
+    lease: Mutex<Option<Lease>>,
+    /// The app a preOnline run is for; the watcher cancels the run when the
+    /// world no longer matches it.
+    online_attempt: Mutex<Option<AppProcess>>,
+    cancel_pre_online: Arc<AtomicBool>,
+    stop_renewing: AtomicBool,
+}
+
+/// Runs the sidecar until `stop` is set and the app has exited; then revokes
+/// the lease and returns.
+pub fn run(config: SidecarConfig, output: Output, stop: Arc<AtomicBool>) -> Result<(), String> {
+    let layout = config.layout.clone();
+    std::fs::create_dir_all(layout.run_dir())
+        .map_err(|e| format!("cannot create {}: {e}", layout.run_dir().display()))?;
+    let listener = TcpListener::bind(&config.listen)
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let lease: Option<Lease> = read_json(&layout.lease());
+    let shared = Arc::new(Shared {
+        view: Mutex::new(View {
+            phase: Phase::WaitingForApp,
+            since: rfc3339_now(),
+            app: None,
+            traffic_off: false,
+            lease_id: lease.as_ref().map(|l| l.lease_id.clone()),
+            last_checkurl_status: None,
+            last_hook: None,
+        }),
+        lease: Mutex::new(lease),
+        online_attempt: Mutex::new(None),
+        cancel_pre_online: Arc::new(AtomicBool::new(false)),
+        stop_renewing: AtomicBool::new(false),
+    });
+    output.event(
+        "sidecar_started",
+        &[
+            ("app", json!(config.doc.app)),
+            ("env", json!(config.doc.env)),
+            ("instance", json!(config.instance.name)),
+            (
+                "listen",
+                json!(listener.local_addr().map(|a| a.to_string()).ok()),
+            ),
+            (
+                "lease_id",
+                json!(
+                    shared
+                        .view
+                        .lock()
+                        .map(|v| v.lease_id.clone())
+                        .ok()
+                        .flatten()
+                ),
+            ),
+        ],
+    );
+
+    spawn_server(listener, layout.clone(), shared.clone());
+    spawn_watcher(layout.clone(), shared.clone(), stop.clone());
+    let grants = match &config.doc.authorization {
+        Some(auth) => {
+            let client = GrantClient::new(&auth.url, &auth.token_path, output.clone())
+                .map_err(|e| e.to_string())?;
+            if shared.lease.lock().map(|l| l.is_some()).unwrap_or(false) {
+                spawn_renewer(client.clone(), &config, shared.clone(), output.clone());
+            } else {
+                output.event(
+                    "lease_missing",
+                    &[("path", json!(layout.lease().display().to_string()))],
+                );
+            }
+            Some(client)
+        }
+        None => None,
+    };
+
+    let hooks = HookRunner::new(
+        &layout.hooks,
+        config.instance.hook_env(&config.doc, &layout),
+        output.clone(),
+    );
+    let mut sidecar = Sidecar {
+        config,
+        output: output.clone(),
+        shared: shared.clone(),
+        hooks,
+        stop,
+        phase: Phase::WaitingForApp,
+        app: None,
+        offline_done: false,
+        handled_request: read_json::<OfflineMessage>(&layout.offline_done()).map(|m| m.id),
+        last_status: None,
+        next_check: Instant::now(),
+        checks: 0,
+    };
+    sidecar.run_loop();
+
+    shared.stop_renewing.store(true, Ordering::SeqCst);
+    let lease = shared.lease.lock().ok().and_then(|l| l.clone());
+    match (grants, lease) {
+        (Some(client), Some(lease)) => {
+            match client.revoke(&lease.lease_id, Instant::now() + REVOKE_DEADLINE) {
+                Ok(()) => {
+                    let _ = remove_if_present(&layout.lease());
+                    output.event("grants_revoked", &[("lease_id", json!(lease.lease_id))]);
+                }
+                Err(e) => {
+                    output.event(
+                        "grants_revoke_failed",
+                        &[
+                            ("lease_id", json!(lease.lease_id)),
+                            ("error", json!(e.to_string())),
+                        ],
+                    );
+                    return Err(format!("could not revoke lease {}: {e}", lease.lease_id));
+                }
+            }
+        }
+        (Some(_), None) => output.event("grants_not_held", &[]),
+        (None, _) => {}
+    }
+    output.event("sidecar_stopped", &[]);
+    Ok(())
+}
+
+struct Sidecar {
+    config: SidecarConfig,
+    output: Output,
+    shared: Arc<Shared>,
+    hooks: HookRunner,
+    stop: Arc<AtomicBool>,
+    phase: Phase,
+    app: Option<AppProcess>,
+    /// The offline sequence ran for the current app.
+    offline_done: bool,
+    handled_request: Option<String>,
+    last_status: Option<u16>,
+    next_check: Instant,
+    checks: u64,
+}
+
+impl Sidecar {
+    fn run_loop(&mut self) {
+        loop {
+            let seen = observe(&self.config.layout, &self.stop);
+            if self.step(&seen) {
+                return;
+            }
+            std::thread::sleep(TICK);
+        }
+    }
+
+    /// One pass of the control loop; true when the sidecar may exit.
+    fn step(&mut self, seen: &Observed) -> bool {
+        // Stopping and offline requests come first: they are about traffic.
+        if seen.stop && !self.offline_done {
+            self.go_offline("stop");
+        }
+        if let Some(request) = &seen.offline_request
+            && self.handled_request.as_deref() != Some(request.id.as_str())
+        {
+            let outcome = if self.offline_done {
+                "already offline".to_string()
+            } else {
+                self.go_offline("offline request")
+            };
+            let done = OfflineMessage {
+                id: request.id.clone(),
+                at: rfc3339_now(),
+                outcome: Some(outcome),
+            };
+            let _ = write_json_atomic(&self.config.layout.offline_done(), &done);
+            self.output
+                .event("offline_request_done", &[("request", json!(request.id))]);
+            self.handled_request = Some(request.id.clone());
+        }
+        if seen.stop {
+            self.set_phase(Phase::Stopping);
+            match seen.app {
+                Some(app) if Some(app) == self.app || self.app.is_none() => {
+                    self.app.get_or_insert(app);
+                    return false;
+                }
+                Some(_) => return false,
+                None => {
+                    if let Some(app) = self.app.take() {
+                        self.output.event("app_exited", &[("pid", json!(app.pid))]);
+                    }
+                    return true;
+                }
+            }
+        }
+
+        // The app process: a new incarnation starts over, an exit goes offline.
+        match (seen.app, self.app) {
+            (None, Some(old)) => {
+                self.remove_healthcheck("app exited");
+                self.output.event("app_exited", &[("pid", json!(old.pid))]);
+                self.app = None;
+                self.offline_done = false;
+                self.set_phase(Phase::WaitingForApp);
+            }
+            (Some(new), old) if Some(new) != old => {
+                if old.is_some() {
+                    self.remove_healthcheck("app restarted");
+                }
+                self.output.event(
+                    "app_started",
+                    &[("pid", json!(new.pid)), ("restart", json!(old.is_some()))],
+                );
+                self.app = Some(new);
+                self.offline_done = false;
+                self.last_status = None;
+                self.checks = 0;
+                self.next_check = Instant::now();
+                self.set_phase(Phase::CheckingUrl);
+            }
+            _ => {}
+        }
+        if self.offline_done {
+            return false;
+        }
+
+        // The traffic label.
+        if seen.traffic_off && matches!(self.phase, Phase::Online | Phase::CheckingUrl) {
+            self.remove_healthcheck("traffic label is offline");
+            self.output.event("traffic_off", &[]);
+            self.set_phase(Phase::TrafficOff);
+        } else if !seen.traffic_off && self.phase == Phase::TrafficOff {
+            self.output.event("traffic_on", &[]);
+            self.next_check = Instant::now();
+            self.set_phase(Phase::CheckingUrl);
+        }
+
+        if self.phase == Phase::CheckingUrl && Instant::now() >= self.next_check {
+            self.check_and_go_online();
+        }
+        false
+    }
+
+    fn check_and_go_online(&mut self) {
+        let c = &self.config.doc.checkurl;
+        let status = http_status(
+            &self.config.checkurl_host,
+            c.port,
+            &c.path,
+            Duration::from_secs(u64::from(c.timeout_seconds.max(1))),
+        );
+        self.checks += 1;
+        if let Ok(mut v) = self.shared.view.lock() {
+            v.last_checkurl_status = Some(status);
+        }
+        let interval = Duration::from_secs(u64::from(c.interval_seconds.max(1)));
+        if status != c.expected_status {
+            // Report the first attempt, every change, and a heartbeat.
+            if self.last_status != Some(status) || self.checks.is_multiple_of(30) {
+                self.output.event(
+                    "checkurl_waiting",
+                    &[
+                        (
+                            "url",
+                            json!(format!(
+                                "http://{}:{}{}",
+                                self.config.checkurl_host, c.port, c.path
+                            )),
+                        ),
+                        ("status", json!(status)),
+                        ("expected", json!(c.expected_status)),
+                        ("attempt", json!(self.checks)),
+                    ],
+                );
+            }
+            self.last_status = Some(status);
+            self.next_check = Instant::now() + interval;
+            return;
+        }
+        self.output.event(
+            "checkurl_passed",
+            &[("status", json!(status)), ("attempts", json!(self.checks))],
+        );
+        let app = self.app;
+        if let Some(hook) = self.config.doc.hooks.pre_online.clone() {
+            self.set_phase(Phase::PreOnline);
+            self.shared.cancel_pre_online.store(false, Ordering::SeqCst);
+            if let Ok(mut a) = self.shared.online_attempt.lock() {
+                *a = app;
+            }
+            let runner = self
+                .hooks
+                .clone()
+                .with_cancel(self.shared.cancel_pre_online.clone());
+            let outcome = runner.run("preOnline", &hook);
+            if let Ok(mut a) = self.shared.online_attempt.lock() {
+                *a = None;
+            }
+            self.record_hook("preOnline", &outcome);
+            if !outcome.succeeded() {
+                if outcome.status == crate::hooks::HookStatus::Cancelled {
+                    // The loop sees why (stop, offline, restart, label) next.
+                    self.next_check = Instant::now();
+                    self.set_phase(Phase::CheckingUrl);
+                } else {
+                    self.output.event(
+                        "pre_online_failed",
+                        &[("reason", json!(format!("preOnline {}", outcome.describe())))],
+                    );
+                    self.set_phase(Phase::PreOnlineFailed);
+                }
+                return;
+            }
+        }
+        // Only go online if nothing changed while preOnline ran.
+        let now = observe(&self.config.layout, &self.stop);
+        let request_pending = now
+            .offline_request
+            .as_ref()
+            .is_some_and(|r| self.handled_request.as_deref() != Some(r.id.as_str()));
+        if now.stop || now.app != app || now.traffic_off || request_pending {
+            self.next_check = Instant::now();
+            self.set_phase(Phase::CheckingUrl);
+            return;
+        }
+        let marker = format!("ONLINE {} {}\n", self.config.instance.name, rfc3339_now());
+        match write_atomic(&self.config.layout.healthcheck(), marker.as_bytes()) {
+            Ok(()) => {
+                self.set_phase(Phase::Online);
+                self.output.event(
+                    "online",
+                    &[(
+                        "healthcheck",
+                        json!(self.config.layout.healthcheck().display().to_string()),
+                    )],
+                );
+            }
+            Err(e) => {
+                self.output.event(
+                    "healthcheck_write_failed",
+                    &[("error", json!(e.to_string()))],
+                );
+                self.next_check = Instant::now() + interval;
+                self.set_phase(Phase::CheckingUrl);
+            }
+        }
+    }
+
+    /// remove healthcheck.html ─► drain (if it was online) ─► preOffline.
+    /// Returns a short description of how preOffline ended.
+    fn go_offline(&mut self, reason: &str) -> String {
+        let was_online = self.phase == Phase::Online;
+        self.shared.cancel_pre_online.store(true, Ordering::SeqCst);
+        self.remove_healthcheck(reason);
+        self.output.event(
+            "going_offline",
+            &[("reason", json!(reason)), ("was_online", json!(was_online))],
+        );
+        if was_online && self.config.doc.drain_seconds > 0 {
+            self.set_phase(Phase::Draining);
+            self.output.event(
+                "draining",
+                &[("seconds", json!(self.config.doc.drain_seconds))],
+            );
+            std::thread::sleep(Duration::from_secs(u64::from(
+                self.config.doc.drain_seconds,
+            )));
+        }
+        let outcome = match self.config.doc.hooks.pre_offline.clone() {
+            Some(hook) => {
+                self.set_phase(Phase::PreOffline);
+                let outcome = self.hooks.run("preOffline", &hook);
+                self.record_hook("preOffline", &outcome);
+                outcome.describe()
+            }
+            None => "no preOffline hook".to_string(),
+        };
+        self.offline_done = true;
+        self.set_phase(Phase::Offline);
+        self.output
+            .event("offline", &[("pre_offline", json!(outcome))]);
+        outcome
+    }
+
+    fn remove_healthcheck(&self, reason: &str) {
+        match remove_if_present(&self.config.layout.healthcheck()) {
+            Ok(true) => self
+                .output
+                .event("healthcheck_removed", &[("reason", json!(reason))]),
+            Ok(false) => {}
+            Err(e) => self.output.event(
+                "healthcheck_remove_failed",
+                &[("reason", json!(reason)), ("error", json!(e.to_string()))],
+            ),
+        }
+    }
+
+    fn record_hook(&self, step: &str, outcome: &HookOutcome) {
+        if let Ok(mut v) = self.shared.view.lock() {
+            v.last_hook = Some(json!({
+                "step": step,
+                "ok": outcome.succeeded(),
+                "result": outcome.describe(),
+                "duration_ms": outcome.duration.as_millis() as u64,
+            }));
+        }
+    }
+
+    fn set_phase(&mut self, phase: Phase) {
+        if self.phase == phase {
+            return;
+        }
+        let from = self.phase;
+        self.phase = phase;
+        if let Ok(mut v) = self.shared.view.lock() {
+            v.phase = phase;
+            v.since = rfc3339_now();
+            v.app = self.app;
+        }
+        self.output
+            .event("phase", &[("from", json!(from)), ("to", json!(phase))]);
+    }
+}
+
+fn observe(layout: &Layout, stop: &AtomicBool) -> Observed {
+    let app = read_json::<AppProcess>(&layout.app_record()).filter(AppProcess::is_running);
+    let labels = std::fs::read_to_string(&layout.labels).unwrap_or_default();
+    Observed {
+        stop: stop.load(Ordering::SeqCst),
+        app,
+        traffic_off: traffic_off(&parse_labels(&labels)),
+        offline_request: read_json(&layout.offline_request()),
+    }
+}
+
+fn spawn_watcher(layout: Layout, shared: Arc<Shared>, stop: Arc<AtomicBool>) {
+    std::thread::spawn(move || {
+        let mut acked: Option<String> = None;
+        loop {
+            let seen = observe(&layout, &stop);
+            if let Some(request) = &seen.offline_request
+                && acked.as_deref() != Some(request.id.as_str())
+            {
+                let ack = OfflineMessage {
+                    id: request.id.clone(),
+                    at: rfc3339_now(),
+                    outcome: None,
+                };
+                if write_json_atomic(&layout.offline_ack(), &ack).is_ok() {
+                    acked = Some(request.id.clone());
+                }
+            }
+            let attempt = shared.online_attempt.lock().ok().and_then(|a| *a);
+            if let Some(app) = attempt {
+                let pending = seen.offline_request.as_ref().is_some_and(|r| {
+                    read_json::<OfflineMessage>(&layout.offline_done()).map(|d| d.id)
+                        != Some(r.id.clone())
+                });
+                if seen.stop || seen.traffic_off || seen.app != Some(app) || pending {
+                    shared.cancel_pre_online.store(true, Ordering::SeqCst);
+                }
+            }
+            if let Ok(mut v) = shared.view.lock() {
+                v.traffic_off = seen.traffic_off;
+            }
+            std::thread::sleep(TICK);
+        }
+    });
+}
+
+fn spawn_server(listener: TcpListener, layout: Layout, shared: Arc<Shared>) {
+    std::thread::spawn(move || {
+        serve(listener, |req| {
+            let online = layout.healthcheck().exists();
+            match req.path.split('?').next().unwrap_or("") {
+                "/ready" if online => ServerResponse::text(200, "ready\n"),
+                "/ready" => ServerResponse::text(503, "not ready\n"),
+                "/state" => {
+                    let view = shared.view.lock().map(|v| v.clone()).ok();
+                    let mut body = serde_json::to_value(view).unwrap_or_default();
+                    body["ready"] = json!(online);
+                    ServerResponse::json(200, &body)
+                }
+                _ => ServerResponse::text(404, "not found; try /ready or /state\n"),
+            }
+        });
+    });
+}
+
+fn spawn_renewer(client: GrantClient, config: &SidecarConfig, shared: Arc<Shared>, output: Output) {
+    let request = GrantRequest {
+        app: config.doc.app.clone(),
+        env: config.doc.env.clone(),
+        instance: config.instance.name.clone(),
+        uid: config.instance.uid.clone(),
+        ip: config.instance.ip.clone(),
+    };
+    let lease_path = config.layout.lease();
+    std::thread::spawn(move || {
+        let mut wait = None;
+        loop {
+            let Some(lease) = shared.lease.lock().ok().and_then(|l| l.clone()) else {
+                return;
+            };
+            let period = wait.unwrap_or_else(|| Duration::from_secs(lease.ttl_s.max(3)) / 3);
+            let until = Instant::now() + period;
+            while Instant::now() < until {
+                if shared.stop_renewing.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(TICK);
+            }
+            if shared.stop_renewing.load(Ordering::SeqCst) {
+                return;
+            }
+            wait = None;
+            match client.renew(&lease.lease_id, lease.ttl_s) {
+                Ok(Renewal::Renewed { ttl_s }) => {
+                    output.event(
+                        "lease_renewed",
+                        &[("lease_id", json!(lease.lease_id)), ("ttl_s", json!(ttl_s))],
+                    );
+                    if let Ok(mut l) = shared.lease.lock()
+                        && let Some(l) = l.as_mut()
+                    {
+                        l.ttl_s = ttl_s;
+                    }
+                }
+                Ok(Renewal::Gone) => {
+                    output.event("lease_lost", &[("lease_id", json!(lease.lease_id))]);
+                    let deadline = Instant::now() + Duration::from_secs(lease.ttl_s.max(10));
+                    match client.acquire(&request, deadline) {
+                        Ok(new) => {
+                            output.event(
+                                "grants_obtained",
+                                &[
+                                    ("lease_id", json!(new.lease_id)),
+                                    ("ttl_s", json!(new.ttl_s)),
+                                ],
+                            );
+                            let _ = write_json_atomic(&lease_path, &new);
+                            if let Ok(mut v) = shared.view.lock() {
+                                v.lease_id = Some(new.lease_id.clone());
+                            }
+                            if let Ok(mut l) = shared.lease.lock() {
+                                *l = Some(new);
+                            }
+                        }
+                        Err(e) => {
+                            output.event("grants_failed", &[("error", json!(e.to_string()))]);
+                            wait = Some(Duration::from_secs(5));
+                        }
+                    }
+                }
+                Err(e) => {
+                    output.event(
+                        "lease_renew_failed",
+                        &[
+                            ("lease_id", json!(lease.lease_id)),
+                            ("error", json!(e.to_string())),
+                        ],
+                    );
+                    wait = Some(
+                        (Duration::from_secs(lease.ttl_s.max(3)) / 3).min(Duration::from_secs(5)),
+                    );
+                }
+            }
+        }
+    });
+}
