@@ -208,10 +208,12 @@ pub fn run(config: SidecarConfig, output: Output, stop: Arc<AtomicBool>) -> Resu
         phase: Phase::WaitingForApp,
         app: None,
         offline_done: false,
+        offline_outcome: None,
         handled_request: read_json::<OfflineMessage>(&layout.offline_done()).map(|m| m.id),
         last_status: None,
         next_check: Instant::now(),
         checks: 0,
+        incarnations: 0,
     };
     sidecar.run_loop();
 
@@ -253,10 +255,14 @@ struct Sidecar {
     app: Option<AppProcess>,
     /// The offline sequence ran for the current app.
     offline_done: bool,
+    /// How its preOffline ended.
+    offline_outcome: Option<String>,
     handled_request: Option<String>,
     last_status: Option<u16>,
     next_check: Instant,
     checks: u64,
+    /// How many app processes this sidecar has seen start.
+    incarnations: u64,
 }
 
 impl Sidecar {
@@ -279,10 +285,9 @@ impl Sidecar {
         if let Some(request) = &seen.offline_request
             && self.handled_request.as_deref() != Some(request.id.as_str())
         {
-            let outcome = if self.offline_done {
-                "already offline".to_string()
-            } else {
-                self.go_offline("offline request")
+            let outcome = match (&self.offline_outcome, self.offline_done) {
+                (Some(outcome), true) => outcome.clone(),
+                _ => self.go_offline("offline request"),
             };
             let done = OfflineMessage {
                 id: request.id.clone(),
@@ -324,9 +329,14 @@ impl Sidecar {
                 if old.is_some() {
                     self.remove_healthcheck("app restarted");
                 }
+                self.incarnations += 1;
                 self.output.event(
                     "app_started",
-                    &[("pid", json!(new.pid)), ("restart", json!(old.is_some()))],
+                    &[
+                        ("pid", json!(new.pid)),
+                        ("incarnation", json!(self.incarnations)),
+                        ("restart", json!(self.incarnations > 1)),
+                    ],
                 );
                 self.app = Some(new);
                 self.offline_done = false;
@@ -493,6 +503,7 @@ impl Sidecar {
             None => "no preOffline hook".to_string(),
         };
         self.offline_done = true;
+        self.offline_outcome = Some(outcome.clone());
         self.set_phase(Phase::Offline);
         self.output
             .event("offline", &[("pre_offline", json!(outcome))]);
