@@ -9,11 +9,13 @@
 
 pub mod access;
 pub mod api;
+pub mod cli;
 pub mod client;
 pub mod diff;
 pub mod error;
 pub mod metrics;
 pub mod openapi;
+pub mod output;
 pub mod profile_input;
 pub mod sample;
 pub mod serve;
