@@ -343,7 +343,17 @@ impl Sidecar {
                 self.last_status = None;
                 self.checks = 0;
                 self.next_check = Instant::now();
-                self.set_phase(Phase::CheckingUrl);
+                if self.incarnations == 1 && self.config.layout.healthcheck().exists() {
+                    // The sidecar restarted under a running, online app: the
+                    // entrypoint removes the marker on every app start and the
+                    // previous sidecar removed it on every app exit, so it
+                    // belongs to this app. Keep serving instead of flapping.
+                    self.set_phase(Phase::Online);
+                    self.output
+                        .event("online_adopted", &[("pid", json!(new.pid))]);
+                } else {
+                    self.set_phase(Phase::CheckingUrl);
+                }
             }
             _ => {}
         }

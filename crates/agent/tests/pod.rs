@@ -67,7 +67,7 @@ fn full_lifecycle_runs_in_order_and_grants_outlive_the_app() {
     assert_eq!(lease["lease_id"], "lease-1");
 
     pod.start();
-    pod.wait_for("online", WAIT, |p| p.healthcheck().exists());
+    pod.wait_for("online", WAIT, |p| p.marker_present());
     assert_eq!(pod.sidecar_get("/ready").map(|r| r.0), Some(200));
     assert_eq!(pod.sidecar_phase().as_deref(), Some("online"));
     // ttl 3 s: renewed every second.
@@ -210,15 +210,23 @@ fn full_lifecycle_runs_in_order_and_grants_outlive_the_app() {
 fn an_app_restart_goes_offline_and_back_online_through_checkurl_and_pre_online() {
     let mut spec = PodSpec::new("shop");
     spec.app_healthy_after_ms = 300;
-    spec.doc.hooks.pre_online = Some(command_hook(&ev("hook:preOnline"), 10));
+    spec.doc.hooks.pre_online = Some(command_hook(
+        &format!(
+            "{}; test -e \"$KEELSON_ROOT/run/healthcheck.html\" || {}",
+            ev("hook:preOnline"),
+            ev("hook:preOnline:healthcheck-absent")
+        ),
+        10,
+    ));
+    spec.doc.hooks.pre_offline = Some(command_hook("echo still deregistering; sleep 300", 1));
     let (mut pod, init) = Pod::create(spec, None);
     assert!(init.success());
     pod.start();
-    pod.wait_for("online", WAIT, |p| p.healthcheck().exists());
+    pod.wait_for("online", WAIT, |p| p.marker_present());
 
     pod.crash("app");
     pod.wait_for("healthcheck removed after the crash", WAIT, |p| {
-        !p.healthcheck().exists()
+        !p.marker_present()
     });
     pod.wait_for("the sidecar to notice", WAIT, |p| {
         p.sidecar_phase().as_deref() == Some("waiting_for_app")
@@ -226,13 +234,10 @@ fn an_app_restart_goes_offline_and_back_online_through_checkurl_and_pre_online()
     // A stale marker left behind must not make the new app online early.
     append(&pod.events, "test:stale-written");
     std::fs::write(pod.healthcheck(), "stale").unwrap();
-    pod.wait_for("the watcher to see it", WAIT, |p| {
-        p.events().last().map(String::as_str) == Some("healthcheck:present")
-    });
+    pod.wait_for("the watcher to see it", WAIT, |p| p.marker_present());
     pod.start_app();
     pod.wait_for("online again", WAIT, |p| {
-        p.events().iter().filter(|e| *e == "hook:preOnline").count() == 2
-            && p.healthcheck().exists()
+        p.events().iter().filter(|e| *e == "hook:preOnline").count() == 2 && p.marker_present()
     });
     assert_order(
         &pod,
@@ -244,11 +249,23 @@ fn an_app_restart_goes_offline_and_back_online_through_checkurl_and_pre_online()
             "healthcheck:absent",
             "test:stale-written",
             "healthcheck:present",
-            "healthcheck:absent",
             "app:start",
             "hook:preOnline",
+            "hook:preOnline:healthcheck-absent",
             "healthcheck:present",
         ],
+    );
+    // The stale marker was gone before the new app's preOnline ran, and the
+    // instance went online only after it.
+    let events = pod.events();
+    let stale = find(&events, "test:stale-written", 0).unwrap();
+    assert!(find(&events, "healthcheck:absent", stale).is_some());
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| *e == "hook:preOnline:healthcheck-absent")
+            .count(),
+        2
     );
     assert!(
         pod.agent_events("app")
@@ -271,6 +288,145 @@ fn an_app_restart_goes_offline_and_back_online_through_checkurl_and_pre_online()
         .unwrap();
     assert!(last_checkurl > restart);
 
+    // A preOffline that hangs is killed at its timeout; the stop goes on.
+    pod.stop(GRACE);
+    assert_eq!(pod.exits["sidecar"].code(), Some(0), "{}", pod.dump());
+    let sidecar = pod.agent_events("sidecar");
+    let pre_offline = sidecar
+        .iter()
+        .find(|e| e["event"] == "hook_finished" && e["step"] == "preOffline")
+        .unwrap();
+    assert_eq!(pre_offline["status"], "timed_out");
+    assert!(
+        pod.log_lines("sidecar")
+            .contains(&"[preOffline] still deregistering".to_string())
+    );
+    assert_order(
+        &pod,
+        &[
+            "kubelet:prestop:app",
+            "kubelet:prestop-done:app",
+            "app:sigterm",
+            "app:exit",
+        ],
+    );
+    assert!(
+        !pod.events()
+            .iter()
+            .any(|e| e.starts_with("kubelet:sigkill"))
+    );
+}
+
+#[test]
+fn sigterm_during_pre_start_kills_the_hook_and_never_starts_the_app() {
+    let mut spec = PodSpec::new("shop");
+    spec.doc.hooks.pre_start = Some(command_hook(
+        "echo preparing; sleep 300 & echo $! > \"$KEELSON_ROOT/prestart-child.pid\"; wait",
+        60,
+    ));
+    let (mut pod, init) = Pod::create(spec, None);
+    assert!(init.success());
+    pod.start_app();
+    pod.wait_for("preStart to run", WAIT, |p| {
+        p.log_lines("app")
+            .contains(&"[preStart] preparing".to_string())
+            && p.root.join("prestart-child.pid").exists()
+    });
+    pod.signal("app", Signal::TERM);
+    let status = pod.wait_exit("app", WAIT);
+    assert_eq!(status.code(), Some(143), "{}", pod.dump());
+    let finished = pod
+        .agent_events("app")
+        .into_iter()
+        .find(|e| e["event"] == "hook_finished")
+        .unwrap();
+    assert_eq!(finished["status"], "cancelled");
+    let child: u32 = std::fs::read_to_string(pod.root.join("prestart-child.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    pod.wait_for("the hook's child to be killed too", WAIT, |_| {
+        std::fs::read_to_string(format!("/proc/{child}/stat")).map_or(true, |s| {
+            s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+    });
+    assert!(!pod.events().iter().any(|e| e.starts_with("app:start")));
+}
+
+#[test]
+fn offline_without_a_sidecar_goes_offline_itself() {
+    let mut spec = PodSpec::new("shop");
+    spec.doc.hooks.pre_offline = Some(command_hook(
+        &format!(
+            "test -e \"$KEELSON_ROOT/run/healthcheck.html\" || {}; {}",
+            ev("hook:preOffline:healthcheck-absent"),
+            ev("hook:preOffline")
+        ),
+        10,
+    ));
+    let (mut pod, init) = Pod::create(spec, None);
+    assert!(init.success());
+    pod.start_app();
+    pod.wait_for("the app", WAIT, |p| {
+        p.log_lines("app")
+            .iter()
+            .any(|l| l.starts_with("testapp listening"))
+    });
+    std::fs::write(pod.healthcheck(), "ONLINE").unwrap();
+    pod.wait_for("the watcher", WAIT, |p| {
+        p.events().iter().any(|e| e == "healthcheck:present")
+    });
+    pod.stop(GRACE);
+    assert_order(
+        &pod,
+        &[
+            "kubelet:prestop:app",
+            "hook:preOffline:healthcheck-absent",
+            "hook:preOffline",
+            "kubelet:prestop-done:app",
+            "kubelet:sigterm:app",
+            "app:sigterm",
+        ],
+    );
+    let prestop = pod.agent_events("app-prestop");
+    assert!(
+        prestop
+            .iter()
+            .any(|e| e["event"] == "sidecar_not_answering")
+    );
+    assert_eq!(prestop.last().unwrap()["by"], "offline");
+}
+
+#[test]
+fn a_restarted_sidecar_adopts_the_online_app_without_flapping() {
+    let mut spec = PodSpec::new("shop");
+    spec.doc.hooks.pre_online = Some(command_hook(&ev("hook:preOnline"), 10));
+    let (mut pod, init) = Pod::create(spec, None);
+    assert!(init.success());
+    pod.start();
+    pod.wait_for("online", WAIT, |p| p.marker_present());
+    pod.crash("sidecar");
+    pod.start_sidecar();
+    pod.wait_for("the new sidecar", WAIT, |p| {
+        p.sidecar_phase().as_deref() == Some("online")
+    });
+    assert!(
+        pod.agent_events("sidecar")
+            .iter()
+            .any(|e| e["event"] == "online_adopted")
+    );
+    let events = pod.events();
+    assert_eq!(events.iter().filter(|e| *e == "hook:preOnline").count(), 1);
+    assert!(
+        !events.iter().any(|e| e == "healthcheck:absent"),
+        "{}",
+        pod.dump()
+    );
     pod.stop(GRACE);
     assert_eq!(pod.exits["sidecar"].code(), Some(0), "{}", pod.dump());
 }
@@ -386,14 +542,14 @@ fn the_traffic_label_takes_the_instance_out_and_back_in() {
     let (mut pod, init) = Pod::create(spec, None);
     assert!(init.success());
     pod.start();
-    pod.wait_for("online", WAIT, |p| p.healthcheck().exists());
+    pod.wait_for("online", WAIT, |p| p.marker_present());
     // The kubelet rewrites the downwardAPI file when the label is patched.
     std::fs::write(
         pod.root.join("podinfo/labels"),
         "app.kubernetes.io/name=\"shop\"\nkeelson.dev/traffic=\"offline\"\n",
     )
     .unwrap();
-    pod.wait_for("out of traffic", WAIT, |p| !p.healthcheck().exists());
+    pod.wait_for("out of traffic", WAIT, |p| !p.marker_present());
     pod.wait_for("/ready to follow", WAIT, |p| {
         p.sidecar_get("/ready").map(|r| r.0) == Some(503)
     });
@@ -403,7 +559,7 @@ fn the_traffic_label_takes_the_instance_out_and_back_in() {
         "keelson.dev/traffic=\"online\"\n",
     )
     .unwrap();
-    pod.wait_for("back online", WAIT, |p| p.healthcheck().exists());
+    pod.wait_for("back online", WAIT, |p| p.marker_present());
     assert_order(
         &pod,
         &[

@@ -25,7 +25,8 @@ use keelson_agent_lifecycle::http::{ServerResponse, serve};
 use keelson_core::lifecycle::{
     Authorization, CheckUrl, Hook, HookRun, Hooks, LIFECYCLE_API_VERSION, LifecycleDocument,
 };
-use rustix::process::{Pid, Signal, kill_process, kill_process_group};
+pub use rustix::process::Signal;
+use rustix::process::{Pid, kill_process, kill_process_group};
 
 pub const AGENT: &str = env!("CARGO_BIN_EXE_keelson-agent");
 pub const TESTAPP: &str = env!("CARGO_BIN_EXE_keelson-testapp");
@@ -417,6 +418,16 @@ impl Pod {
         })
     }
 
+    /// Whether the harness's watcher last saw healthcheck.html present
+    /// (waiting on this, not on the file, keeps the events file in order).
+    pub fn marker_present(&self) -> bool {
+        self.events()
+            .iter()
+            .rev()
+            .find(|e| e.starts_with("healthcheck:"))
+            .is_some_and(|e| e == "healthcheck:present")
+    }
+
     pub fn events(&self) -> Vec<String> {
         std::fs::read_to_string(&self.events)
             .unwrap_or_default()
@@ -499,6 +510,37 @@ impl Pod {
             .find(|c| c.name == name)
             .map(|c| c.child.id())
             .expect("container")
+    }
+
+    /// Sends `signal` to a container's main process.
+    pub fn signal(&self, name: &str, signal: Signal) {
+        append(&self.events, &format!("test:signal:{name}"));
+        if let Some(pid) = Pid::from_raw(self.container_pid(name) as i32) {
+            let _ = kill_process(pid, signal);
+        }
+    }
+
+    /// Waits for a container to exit on its own.
+    pub fn wait_exit(&mut self, name: &str, timeout: Duration) -> ExitStatus {
+        let i = self
+            .containers
+            .iter()
+            .position(|c| c.name == name)
+            .expect("container");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.containers[i].child.try_wait().expect("try_wait") {
+                let c = self.containers.remove(i);
+                self.exits.insert(c.name, status);
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} did not exit\n{}",
+                self.dump()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// The app container crashes: everything in it is killed.
