@@ -318,6 +318,56 @@ fn an_app_restart_goes_offline_and_back_online_through_checkurl_and_pre_online()
 }
 
 #[test]
+fn a_liveness_restart_runs_pre_offline_then_goes_back_online() {
+    let mut spec = PodSpec::new("shop");
+    spec.app_healthy_after_ms = 200;
+    spec.doc.hooks.pre_online = Some(command_hook(&ev("hook:preOnline"), 10));
+    spec.doc.hooks.pre_offline = Some(command_hook(
+        &format!(
+            "test -e \"$KEELSON_ROOT/run/healthcheck.html\" || {}; {}",
+            ev("hook:preOffline:healthcheck-absent"),
+            ev("hook:preOffline")
+        ),
+        10,
+    ));
+    let (mut pod, init) = Pod::create(spec, None);
+    assert!(init.success());
+    pod.start();
+    pod.wait_for("online", WAIT, |p| p.marker_present());
+    pod.restart_like_liveness("app");
+    pod.wait_for("online again", WAIT, |p| {
+        p.events().iter().filter(|e| *e == "hook:preOnline").count() == 2 && p.marker_present()
+    });
+    assert_order(
+        &pod,
+        &[
+            "hook:preOnline",
+            "healthcheck:present",
+            "kubelet:liveness-restart:app",
+            "hook:preOffline:healthcheck-absent",
+            "hook:preOffline",
+            "kubelet:prestop-done:app:0",
+            "app:sigterm",
+            "app:exit",
+            "app:start",
+            "hook:preOnline",
+            "healthcheck:present",
+        ],
+    );
+    // The sidecar itself was not stopped: it still serves and its lease
+    // would still be held.
+    assert_eq!(pod.sidecar_phase().as_deref(), Some("online"));
+    pod.stop(GRACE);
+    assert_eq!(
+        pod.events()
+            .iter()
+            .filter(|e| *e == "hook:preOffline")
+            .count(),
+        2
+    );
+}
+
+#[test]
 fn sigterm_during_pre_start_kills_the_hook_and_never_starts_the_app() {
     let mut spec = PodSpec::new("shop");
     spec.doc.hooks.pre_start = Some(command_hook(

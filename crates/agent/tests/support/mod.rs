@@ -543,6 +543,29 @@ impl Pod {
         }
     }
 
+    /// The kubelet restarts one container (a failed liveness probe): its
+    /// preStop, SIGTERM when that returns, then a new container.
+    pub fn restart_like_liveness(&mut self, name: &str) {
+        assert_eq!(name, "app", "only the app container has a preStop");
+        append(&self.events, "kubelet:liveness-restart:app");
+        let argv = vec![
+            self.agent().display().to_string(),
+            "offline".into(),
+            "--wait".into(),
+        ];
+        let mut cmd = self.command(&argv[0]);
+        cmd.args(&argv[1..]);
+        let mut pre_stop = self.collect("app-prestop", cmd.spawn().expect("spawn preStop"));
+        let status = pre_stop.wait().expect("wait preStop");
+        append(
+            &self.events,
+            &format!("kubelet:prestop-done:app:{}", status.code().unwrap_or(-1)),
+        );
+        self.signal(name, Signal::TERM);
+        self.wait_exit(name, Duration::from_secs(30));
+        self.start_app();
+    }
+
     /// The app container crashes: everything in it is killed.
     pub fn crash(&mut self, name: &str) {
         let i = self
