@@ -548,13 +548,8 @@ impl Pod {
     pub fn restart_like_liveness(&mut self, name: &str) {
         assert_eq!(name, "app", "only the app container has a preStop");
         append(&self.events, "kubelet:liveness-restart:app");
-        let argv = vec![
-            self.agent().display().to_string(),
-            "offline".into(),
-            "--wait".into(),
-        ];
-        let mut cmd = self.command(&argv[0]);
-        cmd.args(&argv[1..]);
+        let mut cmd = self.command(self.agent());
+        cmd.arg("offline").arg("--wait");
         let mut pre_stop = self.collect("app-prestop", cmd.spawn().expect("spawn preStop"));
         let status = pre_stop.wait().expect("wait preStop");
         append(
