@@ -563,6 +563,38 @@ fn a_hanging_hook_is_killed_at_its_timeout_with_its_output_visible() {
 }
 
 #[test]
+fn a_background_process_from_pre_start_keeps_its_output_after_the_exec() {
+    let mut spec = PodSpec::new("shop");
+    spec.doc.hooks.pre_start = Some(command_hook(
+        &format!(
+            "(while [ ! -e \"$KEELSON_ROOT/app-started\" ]; do sleep 0.05; done; echo late line; {}) & echo started helper",
+            ev("background:done")
+        ),
+        10,
+    ));
+    let (mut pod, init) = Pod::create(spec, None);
+    assert!(init.success());
+    pod.start_app();
+    pod.wait_for("the app", WAIT, |p| {
+        p.log_lines("app")
+            .iter()
+            .any(|l| l.starts_with("testapp listening"))
+    });
+    // Only now, after the exec, does the background process write.
+    std::fs::write(pod.root.join("app-started"), "").unwrap();
+    pod.wait_for("its line", WAIT, |p| {
+        p.log_lines("app")
+            .contains(&"[preStart] late line".to_string())
+            && p.events().iter().any(|e| e == "background:done")
+    });
+    assert!(
+        pod.log_lines("app")
+            .contains(&"[preStart] started helper".to_string())
+    );
+    pod.stop(GRACE);
+}
+
+#[test]
 fn a_failing_pre_start_keeps_the_app_from_starting() {
     let mut spec = PodSpec::new("shop");
     spec.doc.hooks.pre_start = Some(command_hook("echo missing config; exit 7", 5));
