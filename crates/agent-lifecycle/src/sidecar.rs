@@ -640,7 +640,12 @@ fn spawn_renewer(client: GrantClient, config: &SidecarConfig, shared: Arc<Shared
             let Some(lease) = shared.lease.lock().ok().and_then(|l| l.clone()) else {
                 return;
             };
-            let period = wait.unwrap_or_else(|| Duration::from_secs(lease.ttl_s.max(3)) / 3);
+            // ttl/3, less up to 10 % so pods started together do not renew
+            // in waves.
+            let period = wait.unwrap_or_else(|| {
+                let third = Duration::from_secs(lease.ttl_s.max(3)) / 3;
+                third - third.mul_f64(fastrand::f64() * 0.1)
+            });
             let until = Instant::now() + period;
             while Instant::now() < until {
                 if shared.stop_renewing.load(Ordering::SeqCst) {

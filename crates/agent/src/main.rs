@@ -91,6 +91,8 @@ fn main() -> ExitCode {
     match run(cli.command, layout) {
         Ok(code) => code,
         Err(message) => {
+            // A structured line for whoever follows stdout, and a plain one.
+            Output::stdout("agent").event("failed", &[("error", serde_json::json!(message))]);
             eprintln!("keelson-agent: {message}");
             ExitCode::FAILURE
         }
