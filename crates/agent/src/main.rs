@@ -27,6 +27,10 @@ struct Cli {
     /// The pod's labels (downwardAPI) [default: ROOT/podinfo/labels].
     #[arg(long, env = "KEELSON_LABELS", global = true)]
     labels: Option<PathBuf>,
+    /// Where hooks run from [default: ROOT/hooks, where init copies them];
+    /// point it at the app image's hooks to use them in place.
+    #[arg(long, env = "KEELSON_HOOKS_DIR", global = true)]
+    hooks_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Role,
 }
@@ -87,6 +91,9 @@ fn main() -> ExitCode {
     }
     if let Some(labels) = cli.labels {
         layout.labels = labels;
+    }
+    if let Some(hooks) = cli.hooks_dir {
+        layout.hooks = hooks;
     }
     match run(cli.command, layout) {
         Ok(code) => code,
