@@ -18,7 +18,7 @@ use clap::Parser;
 use keelson_server::client::{Client, ListApps};
 use keelson_server::sample::profile;
 use keelson_server::serve::RunningServer;
-use keelson_store::testing::{POSTGRES_URL_VAR, test_database};
+use keelson_store::testing::{postgres_url, test_database};
 use keelson_store::{Backend, NewToken, Role, Store, SubjectKind};
 use serde_json::json;
 
@@ -233,10 +233,12 @@ async fn main() -> anyhow::Result<()> {
         }
         None => {
             let mut backends = vec![Backend::Sqlite];
-            if std::env::var(POSTGRES_URL_VAR).is_ok() {
+            if postgres_url().is_some() {
                 backends.push(Backend::Postgres);
             } else {
-                eprintln!("{POSTGRES_URL_VAR} is not set: PostgreSQL skipped (see scripts/pg.sh)");
+                eprintln!(
+                    "KEELSON_TEST_POSTGRES_URL is not set and scripts/pg.sh is not running: PostgreSQL skipped"
+                );
             }
             for backend in backends {
                 let db = test_database(backend).await.context("scratch database")?;

@@ -1,8 +1,10 @@
 //! Test support: a fresh, empty database of either backend.
 //!
-//! PostgreSQL comes from `KEELSON_TEST_POSTGRES_URL` (see `scripts/pg.sh`),
-//! one new database per call. When that variable is missing the PostgreSQL
-//! variant of a test fails, unless `KEELSON_SKIP_POSTGRES=1` says to skip it.
+//! PostgreSQL comes from `KEELSON_TEST_POSTGRES_URL`, or else from the `env`
+//! file that `scripts/pg.sh start` writes (`$KEELSON_PG_DIR/env`, by default
+//! `$TMPDIR/keelson-pg/env`), one new database per call. When neither is
+//! there the PostgreSQL variant of a test fails, unless
+//! `KEELSON_SKIP_POSTGRES=1` says to skip it.
 
 use std::path::PathBuf;
 
@@ -56,14 +58,14 @@ pub async fn test_database(backend: Backend) -> Option<TestDatabase> {
             })
         }
         Backend::Postgres => {
-            let Ok(base) = std::env::var(POSTGRES_URL_VAR) else {
+            let Some(base) = postgres_url() else {
                 if std::env::var(SKIP_POSTGRES_VAR).as_deref() == Ok("1") {
                     eprintln!("skipping the PostgreSQL variant: {SKIP_POSTGRES_VAR}=1");
                     return None;
                 }
                 panic!(
-                    "{POSTGRES_URL_VAR} is not set: run `eval \"$(scripts/pg.sh start)\"` first, \
-                     or set {SKIP_POSTGRES_VAR}=1 to skip PostgreSQL tests on purpose"
+                    "{POSTGRES_URL_VAR} is not set and scripts/pg.sh is not running: run \
+                     `scripts/pg.sh start` first, or set {SKIP_POSTGRES_VAR}=1 to skip PostgreSQL tests on purpose"
                 );
             };
             let name = format!("keelson_test_{}", random_suffix());
@@ -81,6 +83,21 @@ pub async fn test_database(backend: Backend) -> Option<TestDatabase> {
             })
         }
     }
+}
+
+/// The PostgreSQL server URL from the environment or from `scripts/pg.sh`'s env file.
+pub fn postgres_url() -> Option<String> {
+    if let Ok(url) = std::env::var(POSTGRES_URL_VAR) {
+        return Some(url);
+    }
+    let dir = std::env::var_os("KEELSON_PG_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("keelson-pg"));
+    let text = std::fs::read_to_string(dir.join("env")).ok()?;
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("export "))
+        .find_map(|line| line.strip_prefix(POSTGRES_URL_VAR)?.strip_prefix('='))
+        .map(|url| url.trim().to_string())
 }
 
 /// `base` with its database name replaced by `name`.
