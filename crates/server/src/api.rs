@@ -705,6 +705,7 @@ async fn json_body<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
 
 /// A list response.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[schemars(rename = "ItemsOf{T}")]
 pub struct Items<T> {
     /// The items.
     pub items: Vec<T>,

@@ -24,6 +24,7 @@ pub struct NewEnvironment {
 /// A registered environment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(rename = "RegisteredEnvironment")]
 pub struct Environment {
     /// Its name, tier and description.
     #[serde(flatten)]
@@ -87,6 +88,7 @@ fn empty_object() -> serde_json::Value {
 /// A registered target.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(rename = "RegisteredTarget")]
 pub struct Target {
     /// What was registered.
     #[serde(flatten)]
