@@ -8,6 +8,11 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/keelson-target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 scripts/prereqs.sh
+scripts/kubesim-prereqs.sh
+
+# A throwaway PostgreSQL on loopback for the store and server suites.
+eval "$(scripts/pg.sh start)"
+trap 'scripts/pg.sh stop' EXIT
 
 cargo build --workspace --all-targets --locked
 cargo nextest run --workspace --no-fail-fast --locked
