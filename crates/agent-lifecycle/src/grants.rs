@@ -46,8 +46,13 @@ pub enum GrantError {
         body: String,
     },
     /// The API's answer cannot be understood.
-    #[error("the authorization API answered {what} with an invalid body: {0}", what = .1)]
-    InvalidResponse(String, &'static str),
+    #[error("the authorization API answered {what} with an invalid body: {error}")]
+    InvalidResponse {
+        /// Which call.
+        what: &'static str,
+        /// Why the body was rejected.
+        error: String,
+    },
     /// Retries ran out at the deadline.
     #[error("gave up on {what} after {attempts} attempts in {elapsed_s}s; last error: {last}")]
     Deadline {
@@ -140,19 +145,20 @@ impl GrantClient {
     pub fn acquire(&self, request: &GrantRequest, deadline: Instant) -> Result<Lease> {
         let body = serde_json::to_vec(request).unwrap_or_default();
         self.retrying("grant", deadline, || {
-            self.call("POST", "", Some(&body), "grant")
-                .and_then(|resp| match resp.status {
-                    200 | 201 => serde_json::from_slice::<Lease>(&resp.body)
-                        .map(Attempt::Done)
-                        .or_else(|e| {
-                            Ok(Attempt::Fail(GrantError::InvalidResponse(
-                                e.to_string(),
-                                "grant",
-                            )))
-                        }),
-                    _ => Ok(classify(resp, "grant")),
-                })
-                .unwrap_or_else(|error| Attempt::Retry { error, after: None })
+            let resp = match self.call("POST", "", Some(&body), "grant") {
+                Ok(resp) => resp,
+                Err(error) => return Attempt::Retry { error, after: None },
+            };
+            if !matches!(resp.status, 200 | 201) {
+                return classify(resp, "grant");
+            }
+            match serde_json::from_slice::<Lease>(&resp.body) {
+                Ok(lease) => Attempt::Done(lease),
+                Err(e) => Attempt::Fail(GrantError::InvalidResponse {
+                    what: "grant",
+                    error: e.to_string(),
+                }),
+            }
         })
     }
 

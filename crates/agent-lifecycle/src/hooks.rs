@@ -15,6 +15,7 @@
 //! (its later lines are still forwarded, tagged with the step).
 
 use std::io::{BufRead, BufReader, Read};
+use std::os::fd::OwnedFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Component, Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -86,6 +87,7 @@ pub struct HookRunner {
     env: Vec<(String, String)>,
     output: Output,
     cancel: Option<Arc<AtomicBool>>,
+    forwarder: Option<PathBuf>,
 }
 
 impl HookRunner {
@@ -97,6 +99,7 @@ impl HookRunner {
             env,
             output,
             cancel: None,
+            forwarder: None,
         }
     }
 
@@ -104,6 +107,16 @@ impl HookRunner {
     /// [`HookStatus::Cancelled`].
     pub fn with_cancel(mut self, flag: Arc<AtomicBool>) -> Self {
         self.cancel = Some(flag);
+        self
+    }
+
+    /// Forward the hook's output through a separate process, `exe tag STEP`
+    /// (see [`tag_lines`]), writing to this process's stdout, instead of
+    /// threads. For `entrypoint`, which execs the app after preStart: a
+    /// process the hook leaves in the background keeps a live stdout, where
+    /// pipes read by threads would close at exec and kill it with SIGPIPE.
+    pub fn with_forwarder(mut self, exe: impl Into<PathBuf>) -> Self {
+        self.forwarder = Some(exe.into());
         self
     }
 
@@ -125,7 +138,22 @@ impl HookRunner {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
-        let mut child = match command.spawn() {
+        let mut forwarder = self.forwarder.as_ref().and_then(|exe| {
+            let mut f = Command::new(exe)
+                .arg("tag")
+                .arg(step)
+                .stdin(Stdio::piped())
+                .spawn()
+                .ok()?;
+            let pipe: OwnedFd = f.stdin.take()?.into();
+            let copy = pipe.try_clone().ok()?;
+            command.stdout(Stdio::from(pipe)).stderr(Stdio::from(copy));
+            Some(f)
+        });
+        let spawned = command.spawn();
+        // Our copies of the forwarder's pipe must close, or it never sees EOF.
+        drop(command);
+        let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
                 let status = HookStatus::FailedToStart(format!("{what}: {e}"));
@@ -155,6 +183,11 @@ impl HookRunner {
         // Give the pipes a moment so the hook's last lines come before the
         // outcome; a background process holding them open is not waited for.
         let drain_until = Instant::now() + PIPE_DRAIN;
+        if let Some(f) = forwarder.as_mut() {
+            while Instant::now() < drain_until && matches!(f.try_wait(), Ok(None)) {
+                std::thread::sleep(POLL);
+            }
+        }
         for _ in 0..readers {
             let left = drain_until.saturating_duration_since(Instant::now());
             if done_rx.recv_timeout(left).is_err() {
@@ -257,6 +290,12 @@ impl HookRunner {
         self.output.event("hook_finished", &fields);
         outcome
     }
+}
+
+/// The forwarder's side of [`HookRunner::with_forwarder`]: tags every line
+/// of `input` with `step` until EOF.
+pub fn tag_lines(step: &str, input: impl Read, output: &Output) {
+    for_each_line(input, |line| output.step_line(step, line));
 }
 
 /// Sends SIGKILL to the process group led by `pid` (and to `pid` itself, in

@@ -170,7 +170,10 @@ impl EntrypointError {
 /// the app receives signals directly. Returns only when the app was not
 /// started. `stop` (set on SIGTERM/SIGINT) kills a running preStart, which
 /// matters when this process is PID 1 and the kernel would otherwise ignore
-/// the signal.
+/// the signal. With `forwarder` (this agent's executable), preStart's output
+/// goes through `forwarder tag preStart`, so processes it leaves in the
+/// background keep their stdout after the exec (see
+/// [`HookRunner::with_forwarder`]).
 pub fn entrypoint(
     layout: &Layout,
     doc: &LifecycleDocument,
@@ -178,6 +181,7 @@ pub fn entrypoint(
     command: &[String],
     output: &Output,
     stop: Arc<AtomicBool>,
+    forwarder: Option<&Path>,
 ) -> EntrypointError {
     let Some(program) = command.first() else {
         return EntrypointError::NoCommand;
@@ -199,12 +203,15 @@ pub fn entrypoint(
         ),
     }
     if let Some(hook) = &doc.hooks.pre_start {
-        let runner = HookRunner::new(
+        let mut runner = HookRunner::new(
             &layout.hooks,
             instance.hook_env(doc, layout),
             output.clone(),
         )
         .with_cancel(stop);
+        if let Some(exe) = forwarder {
+            runner = runner.with_forwarder(exe);
+        }
         let outcome = runner.run("preStart", hook);
         if !outcome.succeeded() {
             let code = match outcome.status {

@@ -208,10 +208,12 @@ pub fn run(config: SidecarConfig, output: Output, stop: Arc<AtomicBool>) -> Resu
         phase: Phase::WaitingForApp,
         app: None,
         offline_done: false,
+        offline_outcome: None,
         handled_request: read_json::<OfflineMessage>(&layout.offline_done()).map(|m| m.id),
         last_status: None,
         next_check: Instant::now(),
         checks: 0,
+        incarnations: 0,
     };
     sidecar.run_loop();
 
@@ -253,10 +255,14 @@ struct Sidecar {
     app: Option<AppProcess>,
     /// The offline sequence ran for the current app.
     offline_done: bool,
+    /// How its preOffline ended.
+    offline_outcome: Option<String>,
     handled_request: Option<String>,
     last_status: Option<u16>,
     next_check: Instant,
     checks: u64,
+    /// How many app processes this sidecar has seen start.
+    incarnations: u64,
 }
 
 impl Sidecar {
@@ -279,10 +285,9 @@ impl Sidecar {
         if let Some(request) = &seen.offline_request
             && self.handled_request.as_deref() != Some(request.id.as_str())
         {
-            let outcome = if self.offline_done {
-                "already offline".to_string()
-            } else {
-                self.go_offline("offline request")
+            let outcome = match (&self.offline_outcome, self.offline_done) {
+                (Some(outcome), true) => outcome.clone(),
+                _ => self.go_offline("offline request"),
             };
             let done = OfflineMessage {
                 id: request.id.clone(),
@@ -324,16 +329,31 @@ impl Sidecar {
                 if old.is_some() {
                     self.remove_healthcheck("app restarted");
                 }
+                self.incarnations += 1;
                 self.output.event(
                     "app_started",
-                    &[("pid", json!(new.pid)), ("restart", json!(old.is_some()))],
+                    &[
+                        ("pid", json!(new.pid)),
+                        ("incarnation", json!(self.incarnations)),
+                        ("restart", json!(self.incarnations > 1)),
+                    ],
                 );
                 self.app = Some(new);
                 self.offline_done = false;
                 self.last_status = None;
                 self.checks = 0;
                 self.next_check = Instant::now();
-                self.set_phase(Phase::CheckingUrl);
+                if self.incarnations == 1 && self.config.layout.healthcheck().exists() {
+                    // The sidecar restarted under a running, online app: the
+                    // entrypoint removes the marker on every app start and the
+                    // previous sidecar removed it on every app exit, so it
+                    // belongs to this app. Keep serving instead of flapping.
+                    self.set_phase(Phase::Online);
+                    self.output
+                        .event("online_adopted", &[("pid", json!(new.pid))]);
+                } else {
+                    self.set_phase(Phase::CheckingUrl);
+                }
             }
             _ => {}
         }
@@ -493,6 +513,7 @@ impl Sidecar {
             None => "no preOffline hook".to_string(),
         };
         self.offline_done = true;
+        self.offline_outcome = Some(outcome.clone());
         self.set_phase(Phase::Offline);
         self.output
             .event("offline", &[("pre_offline", json!(outcome))]);
@@ -619,7 +640,12 @@ fn spawn_renewer(client: GrantClient, config: &SidecarConfig, shared: Arc<Shared
             let Some(lease) = shared.lease.lock().ok().and_then(|l| l.clone()) else {
                 return;
             };
-            let period = wait.unwrap_or_else(|| Duration::from_secs(lease.ttl_s.max(3)) / 3);
+            // ttl/3, less up to 10 % so pods started together do not renew
+            // in waves.
+            let period = wait.unwrap_or_else(|| {
+                let third = Duration::from_secs(lease.ttl_s.max(3)) / 3;
+                third - third.mul_f64(fastrand::f64() * 0.1)
+            });
             let until = Instant::now() + period;
             while Instant::now() < until {
                 if shared.stop_renewing.load(Ordering::SeqCst) {

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use keelson_agent_lifecycle::layout::{DEFAULT_ROOT, Instance, Layout};
 use keelson_agent_lifecycle::output::Output;
 use keelson_agent_lifecycle::sidecar::{self, SidecarConfig};
-use keelson_agent_lifecycle::{roles, stop_flag};
+use keelson_agent_lifecycle::{hooks, roles, stop_flag};
 
 #[derive(Parser)]
 #[command(
@@ -27,6 +27,10 @@ struct Cli {
     /// The pod's labels (downwardAPI) [default: ROOT/podinfo/labels].
     #[arg(long, env = "KEELSON_LABELS", global = true)]
     labels: Option<PathBuf>,
+    /// Where hooks run from [default: ROOT/hooks, where init copies them];
+    /// point it at the app image's hooks to use them in place.
+    #[arg(long, env = "KEELSON_HOOKS_DIR", global = true)]
+    hooks_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Role,
 }
@@ -63,6 +67,12 @@ enum Role {
         #[arg(long)]
         timeout: Option<u64>,
     },
+    /// Internal: tag every stdin line with STEP (a hook's output forwarder).
+    #[command(hide = true)]
+    Tag {
+        /// The step name.
+        step: String,
+    },
     /// Evaluate a liveness expression: exit 0 healthy, 1 unhealthy, 2 invalid.
     Probe {
         /// The expression [default: the document's liveness].
@@ -82,9 +92,14 @@ fn main() -> ExitCode {
     if let Some(labels) = cli.labels {
         layout.labels = labels;
     }
+    if let Some(hooks) = cli.hooks_dir {
+        layout.hooks = hooks;
+    }
     match run(cli.command, layout) {
         Ok(code) => code,
         Err(message) => {
+            // A structured line for whoever follows stdout, and a plain one.
+            Output::stdout("agent").event("failed", &[("error", serde_json::json!(message))]);
             eprintln!("keelson-agent: {message}");
             ExitCode::FAILURE
         }
@@ -106,6 +121,14 @@ fn run(role: Role, layout: Layout) -> Result<ExitCode, String> {
             println!("{line}");
             Ok(ExitCode::from(code as u8))
         }
+        Role::Tag { step } => {
+            hooks::tag_lines(
+                &step,
+                std::io::stdin().lock(),
+                &Output::stdout("entrypoint"),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Role::Init { hooks_from } => {
             let doc = layout.load_document()?;
             let exe = std::env::current_exe().map_err(|e| format!("cannot find myself: {e}"))?;
@@ -123,7 +146,16 @@ fn run(role: Role, layout: Layout) -> Result<ExitCode, String> {
             let doc = layout.load_document()?;
             let stop = stop_flag().map_err(|e| format!("cannot handle signals: {e}"))?;
             let output = Output::stdout("entrypoint");
-            let error = roles::entrypoint(&layout, &doc, &instance, &command, &output, stop);
+            let exe = std::env::current_exe().ok();
+            let error = roles::entrypoint(
+                &layout,
+                &doc,
+                &instance,
+                &command,
+                &output,
+                stop,
+                exe.as_deref(),
+            );
             output.event(
                 "not_started",
                 &[("error", serde_json::json!(error.to_string()))],

@@ -11,7 +11,8 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::audit::{NewAuditEvent, insert_audit};
@@ -53,7 +54,7 @@ pub struct ApplyProfile {
 }
 
 /// What authorization needs to know of the stored app.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct AppHead {
     /// The app's name.
     pub name: String,
@@ -70,7 +71,7 @@ pub struct AppHead {
 }
 
 /// One app as listed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AppSummary {
     /// The app's name.
@@ -98,7 +99,7 @@ pub struct AppSummary {
 }
 
 /// One revision without its profile.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RevisionSummary {
     /// The revision number, from 1.
@@ -116,7 +117,7 @@ pub struct RevisionSummary {
 }
 
 /// One revision with its profile.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Revision {
     /// The app's name.
@@ -131,7 +132,7 @@ pub struct Revision {
 }
 
 /// An app with its current revision.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct AppRecord {
     /// The app.
     pub app: AppSummary,
@@ -140,7 +141,7 @@ pub struct AppRecord {
 }
 
 /// What an apply did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ApplyOutcome {
     /// The app after the apply.
     pub app: AppSummary,
@@ -166,7 +167,7 @@ pub struct AppFilter {
 }
 
 /// A page of apps, by name.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AppPage {
     /// The apps of this page.

@@ -1,7 +1,8 @@
 //! The audit log: one event per mutation, written in the mutation's own
 //! transaction, so the log and the data cannot disagree.
 
-use serde::Serialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use crate::rows::{Columns, json};
 use crate::{Result, Store, Timestamp, on_pool};
@@ -43,7 +44,7 @@ macro_rules! insert_audit {
 pub(crate) use insert_audit;
 
 /// One recorded mutation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AuditEvent {
     /// Increasing identifier.
@@ -85,7 +86,7 @@ pub struct AuditFilter {
 }
 
 /// A page of audit events, newest first.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AuditPage {
     /// The events.

@@ -1,6 +1,7 @@
 //! Environments and targets (Kubernetes clusters and host groups): only
 //! their registration lives here; using them is the runtimes' business.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{NewAuditEvent, insert_audit};
@@ -8,7 +9,7 @@ use crate::rows::{Columns, json};
 use crate::{Error, Result, Store, Timestamp, digest_of, on_pool};
 
 /// An environment to register or update.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NewEnvironment {
     /// `prod`, `staging`, `test`, or a named test environment.
@@ -21,7 +22,7 @@ pub struct NewEnvironment {
 }
 
 /// A registered environment.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Environment {
     /// Its name, tier and description.
@@ -34,7 +35,7 @@ pub struct Environment {
 }
 
 /// What kind of place a target is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TargetKind {
     /// A Kubernetes cluster (zone).
@@ -61,7 +62,7 @@ impl TargetKind {
 }
 
 /// A target to register or update.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NewTarget {
     /// Its name, referenced by profiles.
@@ -84,7 +85,7 @@ fn empty_object() -> serde_json::Value {
 }
 
 /// A registered target.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Target {
     /// What was registered.

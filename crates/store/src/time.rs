@@ -50,6 +50,16 @@ impl<'de> serde::Deserialize<'de> for Timestamp {
     }
 }
 
+impl schemars::JsonSchema for Timestamp {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Timestamp".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "type": "string", "format": "date-time" })
+    }
+}
+
 /// Parses what `Display` writes (`YYYY-MM-DDTHH:MM:SS[.mmm]Z`).
 fn parse_rfc3339(text: &str) -> Option<i64> {
     let text = text.strip_suffix('Z')?;

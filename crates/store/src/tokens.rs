@@ -1,6 +1,7 @@
 //! API tokens: 256 random bits shown once at creation; only their SHA-256
 //! is stored, so a leaked database does not leak credentials.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -12,7 +13,9 @@ use crate::{Error, Result, Store, Timestamp, on_pool};
 pub const SECRET_PREFIX: &str = "kst_";
 
 /// What a token may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Reads only.
@@ -49,7 +52,7 @@ impl std::str::FromStr for Role {
 }
 
 /// Who holds a token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SubjectKind {
     /// A person.
@@ -68,7 +71,7 @@ impl SubjectKind {
 }
 
 /// A token to create.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NewToken {
     /// The person or service acting with it; recorded as the author of changes.
@@ -91,7 +94,7 @@ fn default_kind() -> SubjectKind {
 }
 
 /// A stored token, without its secret.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TokenRecord {
     /// Public identifier (`tok_…`), safe to show and log.
@@ -108,7 +111,7 @@ pub struct TokenRecord {
 }
 
 /// A token just created: the only time its secret exists outside its holder.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct IssuedToken {
     /// The stored record.
     #[serde(flatten)]
