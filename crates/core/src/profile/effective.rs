@@ -33,6 +33,8 @@ pub mod defaults {
     pub const JAVA_OFF_HEAP: u64 = 256 << 20;
     /// JDWP port.
     pub const DEBUG_PORT: u16 = 5005;
+    /// Directory of hook scripts in the app image.
+    pub const HOOKS_DIRECTORY: &str = "/app/hooks";
     /// Directory config files are mounted in.
     pub const CONFIG_MOUNT_PATH: &str = "/keelson/app-config";
     /// Seconds the kubelet waits beyond the lifecycle's own budget.
@@ -167,6 +169,29 @@ impl EffectiveApp {
     /// The hooks, possibly empty.
     pub fn hooks(&self) -> Hooks {
         self.run.hooks.clone().unwrap_or_default()
+    }
+
+    /// Directory of the hook scripts.
+    pub fn hooks_directory(&self) -> String {
+        self.run
+            .hooks
+            .as_ref()
+            .and_then(|h| h.directory.clone())
+            .unwrap_or_else(|| defaults::HOOKS_DIRECTORY.to_string())
+    }
+
+    /// Namespace of a cluster target: its own, or the environment's name.
+    pub fn namespace(&self, target: &Target) -> String {
+        target.namespace.clone().unwrap_or_else(|| self.env.clone())
+    }
+
+    /// The config files' mount path.
+    pub fn config_mount_path(&self) -> String {
+        self.run
+            .config
+            .as_ref()
+            .and_then(|c| c.mount_path.clone())
+            .unwrap_or_else(|| defaults::CONFIG_MOUNT_PATH.to_string())
     }
 
     /// Debugging: `Some(port)` when JDWP is on.

@@ -87,11 +87,12 @@ pub fn parse(text: &str) -> Result<Profile, ValidationErrors> {
             column: e.mark.column,
         }],
     })?;
-    let schema = json_schema();
-    let mut walker = walk::Walker::new(&schema);
-    let pruned = walker.walk(&tree, &schema, "");
+    // Generated once: the types do not change while the process runs.
+    static SCHEMA: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    let schema = SCHEMA.get_or_init(json_schema);
+    let mut walker = walk::Walker::new(schema);
+    let pruned = walker.walk(&tree, schema, &walk::Path::Root);
     let mut errors = walker.errors;
-    let marks = MarkIndex::of(&tree);
     let profile = pruned.and_then(|json| match serde_json::from_value::<Profile>(json) {
         Ok(p) => Some(p),
         // Only reachable when a required field was missing or invalid, and
@@ -113,7 +114,7 @@ pub fn parse(text: &str) -> Result<Profile, ValidationErrors> {
         let malformed: std::collections::HashSet<String> =
             errors.iter().map(|e| e.path.clone()).collect();
         errors.extend(
-            rules::check(profile, &marks)
+            rules::check(profile, &tree)
                 .into_iter()
                 .filter(|e| !malformed.contains(&e.path)),
         );

@@ -272,6 +272,9 @@ pub struct ResourceAmounts {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Hooks {
+    /// Directory of the hook scripts inside the app image or artifact (default `/app/hooks`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory: Option<String>,
     /// Before the app starts, in the app container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pre_start: Option<Hook>,

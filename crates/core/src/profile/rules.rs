@@ -30,14 +30,20 @@ pub const DATABASE_PRIVILEGES: &[&str] = &[
 ];
 
 struct Report<'a> {
-    marks: &'a MarkIndex,
+    tree: &'a super::yaml::Node,
+    /// Built on the first error: a valid profile never pays for it.
+    marks: std::cell::OnceCell<MarkIndex>,
     errors: Vec<FieldError>,
 }
 
 impl Report<'_> {
+    fn marks(&self) -> &MarkIndex {
+        self.marks.get_or_init(|| MarkIndex::of(self.tree))
+    }
+
     fn at(&mut self, path: impl Into<String>, message: impl Into<String>) {
         let path = path.into();
-        let mark = self.marks.find(&path);
+        let mark = self.marks().find(&path);
         self.errors.push(FieldError {
             path,
             message: message.into(),
@@ -47,9 +53,10 @@ impl Report<'_> {
     }
 }
 
-pub(super) fn check(profile: &Profile, marks: &MarkIndex) -> Vec<FieldError> {
+pub(super) fn check(profile: &Profile, tree: &super::yaml::Node) -> Vec<FieldError> {
     let mut r = Report {
-        marks,
+        tree,
+        marks: std::cell::OnceCell::new(),
         errors: Vec::new(),
     };
     if profile.api_version != API_VERSION {
@@ -107,6 +114,24 @@ pub(super) fn check(profile: &Profile, marks: &MarkIndex) -> Vec<FieldError> {
     check_dependencies(&mut r, spec.dependencies.as_ref());
     if spec.environments.is_empty() {
         r.at("spec.environments", "at least one environment is required, e.g. `prod: {targets: [{cluster: prod-a}], replicas: 3}`");
+    }
+    // Object names are per app, so two environments of one app cannot share
+    // a namespace of one cluster.
+    let mut placements = std::collections::BTreeMap::new();
+    for (name, environment) in &spec.environments {
+        for (i, t) in environment.targets.iter().enumerate() {
+            let Some(cluster) = &t.cluster else { continue };
+            let namespace = t.namespace.clone().unwrap_or_else(|| name.clone());
+            if let Some(other) =
+                placements.insert((cluster.clone(), namespace.clone()), name.clone())
+                && other != *name
+            {
+                r.at(
+                    format!("spec.environments.{name}.targets[{i}]"),
+                    format!("environment `{other}` already runs in namespace `{namespace}` of cluster `{cluster}`; give one of them its own `namespace`"),
+                );
+            }
+        }
     }
     for (name, environment) in &spec.environments {
         let base = format!("spec.environments.{name}");
@@ -245,7 +270,7 @@ fn check_effective(r: &mut Report<'_>, app: &EffectiveApp) {
     let env_base = format!("spec.environments.{}", app.env);
     let origin = |r: &Report<'_>, rel: &str| {
         let env_path = format!("{env_base}.{rel}");
-        if r.marks.has(&env_path) {
+        if r.marks().has(&env_path) {
             env_path
         } else {
             format!("spec.{rel}")

@@ -57,7 +57,7 @@ impl<'s> Walker<'s> {
         schema
     }
 
-    fn error(&mut self, path: &str, mark: Mark, message: impl Into<String>) {
+    fn error(&mut self, path: &Path<'_>, mark: Mark, message: impl Into<String>) {
         self.errors.push(FieldError {
             path: path.to_string(),
             message: message.into(),
@@ -68,7 +68,7 @@ impl<'s> Walker<'s> {
 
     /// Checks `node` against `schema`; returns the node as JSON when it is
     /// valid enough to keep.
-    pub fn walk(&mut self, node: &Node, schema: &'s Json, path: &str) -> Option<Json> {
+    pub fn walk(&mut self, node: &Node, schema: &'s Json, path: &Path<'_>) -> Option<Json> {
         let schema = self.resolve(schema);
         if let Some(branches) = schema
             .get("anyOf")
@@ -120,7 +120,7 @@ impl<'s> Walker<'s> {
                 let kept = items
                     .iter()
                     .enumerate()
-                    .filter_map(|(i, item)| self.walk(item, item_schema, &format!("{path}[{i}]")))
+                    .filter_map(|(i, item)| self.walk(item, item_schema, &Path::Index(path, i)))
                     .collect();
                 Some(Json::Array(kept))
             }
@@ -133,7 +133,7 @@ impl<'s> Walker<'s> {
         node: &Node,
         scalar: &Scalar,
         schema: &Json,
-        path: &str,
+        path: &Path<'_>,
     ) -> Option<Json> {
         if let Some(format) = schema.get("format").and_then(Json::as_str) {
             if let Some((min, max)) = integer_range(format)
@@ -183,7 +183,7 @@ impl<'s> Walker<'s> {
         mark: Mark,
         entries: &[(String, Mark, Node)],
         schema: &'s Json,
-        path: &str,
+        path: &Path<'_>,
     ) -> Option<Json> {
         static EMPTY: std::sync::OnceLock<Map<String, Json>> = std::sync::OnceLock::new();
         let properties = schema
@@ -193,7 +193,7 @@ impl<'s> Walker<'s> {
         let additional = schema.get("additionalProperties");
         let mut kept = Map::new();
         for (key, key_mark, value) in entries {
-            let child_path = join(path, key);
+            let child_path = Path::Key(path, key);
             if let Some(property) = properties.get(key) {
                 if let Some(v) = self.walk(value, property, &child_path) {
                     kept.insert(key.clone(), v);
@@ -231,7 +231,7 @@ impl<'s> Walker<'s> {
                         .map(|d| format!(" ({})", d.trim_end_matches('.')))
                         .unwrap_or_default();
                     self.error(
-                        &join(path, name),
+                        &Path::Key(path, name),
                         mark,
                         format!("`{name}` is required{what}"),
                     );
@@ -241,7 +241,12 @@ impl<'s> Walker<'s> {
         complete.then_some(Json::Object(kept))
     }
 
-    fn walk_alternatives(&mut self, node: &Node, branches: &'s [Json], path: &str) -> Option<Json> {
+    fn walk_alternatives(
+        &mut self,
+        node: &Node,
+        branches: &'s [Json],
+        path: &Path<'_>,
+    ) -> Option<Json> {
         let mut candidates = Vec::new();
         for branch in branches {
             let mut trial = Walker::new(self.root);
@@ -328,11 +333,25 @@ impl<'s> Walker<'s> {
     }
 }
 
-fn join(path: &str, key: &str) -> String {
-    if path.is_empty() {
-        key.to_string()
-    } else {
-        format!("{path}.{key}")
+/// A field path, built as the walk descends and written out only when an
+/// error needs it, so a valid profile allocates no path strings.
+pub(super) enum Path<'a> {
+    /// The document.
+    Root,
+    /// A mapping key under a parent.
+    Key(&'a Path<'a>, &'a str),
+    /// A list index under a parent.
+    Index(&'a Path<'a>, usize),
+}
+
+impl std::fmt::Display for Path<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Path::Root => Ok(()),
+            Path::Key(Path::Root, key) => f.write_str(key),
+            Path::Key(parent, key) => write!(f, "{parent}.{key}"),
+            Path::Index(parent, i) => write!(f, "{parent}[{i}]"),
+        }
     }
 }
 

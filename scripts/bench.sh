@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Runs every benchmark; each prints one JSON line of figures.
+# `--smoke` runs them at a small size (what CI does); without it, full size.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/keelson-target}"
+args=("$@")
+
+cargo run --quiet --release --locked -p keelson-cli --example render_bench -- "${args[@]}"
