@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # A throwaway PostgreSQL for keelson's store and server tests.
 #
-#   eval "$(scripts/pg.sh start)"   # prints: export KEELSON_TEST_POSTGRES_URL=postgres://…
-#   scripts/pg.sh stop
+#   eval "$(scripts/pg.sh start)"   # exports KEELSON_TEST_POSTGRES_URL and KEELSON_PG_DIR
+#   scripts/pg.sh stop              # stops the server named by KEELSON_PG_DIR
 #
-# `start` initialises a data directory under a temporary directory, starts the
-# server on a free loopback port and prints the export line (also written to
-# $KEELSON_PG_DIR/env). `stop` stops it and removes the directory. Installs
-# Debian's postgresql package when no PostgreSQL binaries are found (as root).
-# initdb and postgres refuse to run as root, so as root they run as `postgres`.
+# `start` initialises a data directory in a new temporary directory (or in
+# $KEELSON_PG_DIR when set), starts the server on a free loopback port and
+# prints the export lines, which it also writes to $KEELSON_PG_DIR/env and,
+# for runs that did not eval them, to ${TMPDIR:-/tmp}/keelson-pg.current.
+# Each start gets its own directory, so concurrent runs never stop each
+# other's server. Installs Debian's postgresql package when no PostgreSQL
+# binaries are found (as root). initdb and postgres refuse to run as root, so
+# as root they run as `postgres`.
 set -euo pipefail
 
-PG_DIR="${KEELSON_PG_DIR:-${TMPDIR:-/tmp}/keelson-pg}"
+TMP="${TMPDIR:-/tmp}"
+CURRENT="$TMP/keelson-pg.current"
 
 log() { echo "pg.sh: $*" >&2; }
 
@@ -45,44 +49,59 @@ free_port() {
 }
 
 start() {
-    local bin port url
-    if [[ -f "$PG_DIR/env" ]] && [[ -f "$PG_DIR/data/postmaster.pid" ]]; then
-        log "already running"
-        cat "$PG_DIR/env"
-        return
-    fi
+    local bin port dir
     bin=$(find_bin)
-    rm -rf "$PG_DIR"
-    mkdir -p "$PG_DIR"
-    if [[ $(id -u) -eq 0 ]]; then
-        id postgres >/dev/null 2>&1 || useradd --system --home-dir "$PG_DIR" postgres
-        chown postgres "$PG_DIR"
+    if [[ -n "${KEELSON_PG_DIR:-}" ]]; then
+        dir="$KEELSON_PG_DIR"
+        if [[ -f "$dir/env" && -f "$dir/data/postmaster.pid" ]]; then
+            log "already running in $dir"
+            cat "$dir/env"
+            return
+        fi
+        rm -rf "$dir"
+        mkdir -p "$dir"
+    else
+        dir=$(mktemp -d "$TMP/keelson-pg.XXXXXX")
     fi
-    as_pg "$bin/initdb" -D "$PG_DIR/data" -U postgres --auth=trust -E UTF8 --no-sync >"$PG_DIR/initdb.log" 2>&1 \
-        || { cat "$PG_DIR/initdb.log" >&2; exit 1; }
+    if [[ $(id -u) -eq 0 ]]; then
+        id postgres >/dev/null 2>&1 || useradd --system --home-dir "$dir" postgres
+        chown postgres "$dir"
+    fi
+    as_pg "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --no-sync >"$dir/initdb.log" 2>&1 \
+        || { cat "$dir/initdb.log" >&2; exit 1; }
     for _ in 1 2 3 4 5; do
         port=$(free_port)
-        if as_pg "$bin/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/postgres.log" -w -t 60 \
-            -o "-p $port -k $PG_DIR -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c max_connections=300" \
-            start >&2; then
-            url="postgres://postgres@127.0.0.1:$port/postgres"
-            echo "export KEELSON_TEST_POSTGRES_URL=$url" >"$PG_DIR/env"
-            cat "$PG_DIR/env"
+        if as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 60 \
+            -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c max_connections=300" \
+            start >/dev/null 2>&1; then
+            {
+                echo "export KEELSON_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:$port/postgres"
+                echo "export KEELSON_PG_DIR=$dir"
+            } >"$dir/env"
+            cp "$dir/env" "$CURRENT"
+            log "PostgreSQL on 127.0.0.1:$port, data in $dir"
+            cat "$dir/env"
             return
         fi
         log "start on port $port failed, trying another"
     done
-    cat "$PG_DIR/postgres.log" >&2
+    cat "$dir/postgres.log" >&2
     exit 1
 }
 
 stop() {
-    local bin
-    if [[ -f "$PG_DIR/data/postmaster.pid" ]]; then
-        bin=$(find_bin)
-        as_pg "$bin/pg_ctl" -D "$PG_DIR/data" -m fast -w stop >&2 || true
+    local dir="${KEELSON_PG_DIR:-}"
+    if [[ -z "$dir" && -f "$CURRENT" ]]; then
+        dir=$(sed -n 's/^export KEELSON_PG_DIR=//p' "$CURRENT")
     fi
-    rm -rf "$PG_DIR"
+    [[ -n "$dir" ]] || { log "nothing to stop (KEELSON_PG_DIR is not set)"; return; }
+    if [[ -f "$dir/data/postmaster.pid" ]]; then
+        as_pg "$(find_bin)/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
+    fi
+    if [[ -f "$CURRENT" ]] && grep -qx "export KEELSON_PG_DIR=$dir" "$CURRENT"; then
+        rm -f "$CURRENT"
+    fi
+    rm -rf "$dir"
 }
 
 case "${1:-}" in

@@ -267,6 +267,7 @@ impl Store {
     ) -> Result<ApplyOutcome> {
         let owners_json = to_json(&p.owners)?;
         let labels_json = to_json(&p.labels)?;
+        let _turn = self.writer_turn().await;
         on_pool!(self, |pool, dialect| {
             let mut tx = pool.begin_with(dialect.begin_write()).await?;
             let sql = format!(
@@ -560,6 +561,7 @@ impl Store {
         actor: &str,
         authorize: Authorize<'_>,
     ) -> Result<AppHead> {
+        let _turn = self.writer_turn().await;
         on_pool!(self, |pool, dialect| {
             let mut tx = pool.begin_with(dialect.begin_write()).await?;
             let sql = format!(

@@ -133,6 +133,7 @@ impl Store {
     /// Registers an environment or updates it; audited when it changes.
     pub async fn put_environment(&self, env: &NewEnvironment, actor: &str) -> Result<Environment> {
         let after = digest_json(env);
+        let _turn = self.writer_turn().await;
         on_pool!(self, |pool, dialect| {
             let mut tx = pool.begin_with(dialect.begin_write()).await?;
             let select = "SELECT name, tier, description, created_at, updated_at FROM environments WHERE name = $1";
@@ -198,6 +199,7 @@ impl Store {
         let after = digest_json(target);
         let config =
             serde_json::to_string(&target.config).map_err(|e| Error::Invalid(e.to_string()))?;
+        let _turn = self.writer_turn().await;
         on_pool!(self, |pool, dialect| {
             let mut tx = pool.begin_with(dialect.begin_write()).await?;
             let select = "SELECT name, kind, environment, config_json, description, created_at, updated_at \

@@ -24,6 +24,7 @@ pub mod testing;
 
 use std::borrow::Cow;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::migrate::{Migration, MigrationType, Migrator};
@@ -111,6 +112,11 @@ pub enum Backend {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: Pool,
+    /// SQLite has one writer at a time. Queueing writers here, instead of
+    /// letting them meet SQLite's busy handler (which sleeps in growing
+    /// steps), keeps write latency flat; other processes on the same file
+    /// are still held off by the busy timeout.
+    sqlite_writer: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Store {
@@ -126,6 +132,7 @@ impl Store {
                 .map_err(Error::connect)?;
             Ok(Store {
                 pool: Pool::Postgres(pool),
+                sqlite_writer: Arc::default(),
             })
         } else if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)
@@ -145,6 +152,7 @@ impl Store {
                 .map_err(Error::connect)?;
             Ok(Store {
                 pool: Pool::Sqlite(pool),
+                sqlite_writer: Arc::default(),
             })
         } else {
             Err(Error::InvalidUrl(format!(
@@ -175,6 +183,15 @@ impl Store {
         match self.pool {
             Pool::Sqlite(_) => Backend::Sqlite,
             Pool::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// Waits for this process's turn to write, on SQLite; None on PostgreSQL,
+    /// whose row locks order writers.
+    pub(crate) async fn writer_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match self.pool {
+            Pool::Sqlite(_) => Some(self.sqlite_writer.lock().await),
+            Pool::Postgres(_) => None,
         }
     }
 

@@ -1,8 +1,9 @@
 //! Test support: a fresh, empty database of either backend.
 //!
-//! PostgreSQL comes from `KEELSON_TEST_POSTGRES_URL`, or else from the `env`
-//! file that `scripts/pg.sh start` writes (`$KEELSON_PG_DIR/env`, by default
-//! `$TMPDIR/keelson-pg/env`), one new database per call. When neither is
+//! PostgreSQL comes from `KEELSON_TEST_POSTGRES_URL`, or else from the env
+//! file that `scripts/pg.sh start` writes (`$KEELSON_PG_DIR/env`, or
+//! `$TMPDIR/keelson-pg.current` for the last one started), one new database
+//! per call. When neither is
 //! there the PostgreSQL variant of a test fails, unless
 //! `KEELSON_SKIP_POSTGRES=1` says to skip it.
 
@@ -85,15 +86,17 @@ pub async fn test_database(backend: Backend) -> Option<TestDatabase> {
     }
 }
 
-/// The PostgreSQL server URL from the environment or from `scripts/pg.sh`'s env file.
+/// The PostgreSQL server URL from the environment, or from the env file of
+/// the server `scripts/pg.sh` started last.
 pub fn postgres_url() -> Option<String> {
     if let Ok(url) = std::env::var(POSTGRES_URL_VAR) {
         return Some(url);
     }
-    let dir = std::env::var_os("KEELSON_PG_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| std::env::temp_dir().join("keelson-pg"));
-    let text = std::fs::read_to_string(dir.join("env")).ok()?;
+    let file = match std::env::var_os("KEELSON_PG_DIR") {
+        Some(dir) => PathBuf::from(dir).join("env"),
+        None => std::env::temp_dir().join("keelson-pg.current"),
+    };
+    let text = std::fs::read_to_string(file).ok()?;
     text.lines()
         .filter_map(|line| line.trim().strip_prefix("export "))
         .find_map(|line| line.strip_prefix(POSTGRES_URL_VAR)?.strip_prefix('='))

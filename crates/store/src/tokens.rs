@@ -167,6 +167,7 @@ impl Store {
         let hash = hash_secret(&secret);
         let teams =
             serde_json::to_string(&token.teams).map_err(|e| Error::Invalid(e.to_string()))?;
+        let _turn = self.writer_turn().await;
         let record = on_pool!(self, |pool, dialect| {
             let mut tx = pool.begin_with(dialect.begin_write()).await?;
             let now = Timestamp::now().0;
@@ -241,6 +242,7 @@ impl Store {
 
     /// Revokes a token at once; audited.
     pub async fn revoke_token(&self, id: &str, actor: &str) -> Result<TokenRecord> {
+        let _turn = self.writer_turn().await;
         on_pool!(self, |pool, dialect| {
             let mut tx = pool.begin_with(dialect.begin_write()).await?;
             let now = Timestamp::now().0;
