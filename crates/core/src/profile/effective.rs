@@ -4,8 +4,6 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::Value as Json;
-
 use super::model::*;
 use super::units::{Duration, Pause, Quantity};
 use crate::lifecycle;
@@ -64,41 +62,113 @@ pub struct EffectiveApp {
     pub run: RunSpec,
 }
 
-/// Fields that state one choice (`count` or `size`, `script` or `command`,
-/// a policy and its parameter): an environment replaces them whole, since
-/// merging two choices key by key would yield both.
-const REPLACED_WHOLE: &[&str] = &[
-    "runtime",
-    "release.batches",
-    "release.failedInstances",
-    "hooks.preStart",
-    "hooks.preOnline",
-    "hooks.preOffline",
-    "autoscaling.custom",
-];
+/// Laying an environment's overrides over the base spec: mappings merge key
+/// by key; lists, scalars and the fields that state one choice (`count` or
+/// `size`, `script` or `command`, a policy and its parameter) are replaced
+/// whole, since merging two choices key by key would yield both.
+pub(crate) trait Overlay {
+    fn overlay(&mut self, over: &Self);
+}
 
-/// Deep-merges `overlay` into `base`: mappings key by key, except the
-/// [`REPLACED_WHOLE`] fields; lists and scalars replaced.
-pub(crate) fn merge(base: &mut Json, overlay: &Json, path: &str) {
-    match (base, overlay) {
-        (Json::Object(b), Json::Object(o)) if !REPLACED_WHOLE.contains(&path) => {
-            for (k, v) in o {
-                let child = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
-                match b.get_mut(k) {
-                    Some(existing) => merge(existing, v, &child),
-                    None => {
-                        b.insert(k.clone(), v.clone());
-                    }
-                }
-            }
-        }
-        (b, o) => *b = o.clone(),
+fn deep<T: Overlay + Clone>(base: &mut Option<T>, over: &Option<T>) {
+    match (base.as_mut(), over) {
+        (Some(b), Some(o)) => b.overlay(o),
+        (None, Some(o)) => *base = Some(o.clone()),
+        _ => {}
     }
 }
+
+fn replace<T: Clone>(base: &mut Option<T>, over: &Option<T>) {
+    if over.is_some() {
+        base.clone_from(over);
+    }
+}
+
+impl Overlay for BTreeMap<String, String> {
+    fn overlay(&mut self, over: &Self) {
+        self.extend(over.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+}
+
+/// Declares which fields of a spec type merge deeply and which replace.
+/// Every field must be listed: the struct pattern makes a forgotten field a
+/// compile error.
+macro_rules! overlay {
+    ($ty:ident { deep: [$($d:ident),*], replace: [$($r:ident),*] $(, maps: [$($m:ident),*])? }) => {
+        impl Overlay for $ty {
+            fn overlay(&mut self, over: &Self) {
+                let $ty { $($d: _,)* $($r: _,)* $($($m: _,)*)? } = over;
+                $( deep(&mut self.$d, &over.$d); )*
+                $( replace(&mut self.$r, &over.$r); )*
+                $($( self.$m.overlay(&over.$m); )*)?
+            }
+        }
+    };
+}
+
+overlay!(RunSpec {
+    deep: [
+        checkurl,
+        resources,
+        hooks,
+        release,
+        config,
+        env,
+        autoscaling,
+        debug
+    ],
+    replace: [
+        runtime,
+        command,
+        image,
+        artifact,
+        ports,
+        drain,
+        stop_timeout,
+        startup_timeout,
+        liveness,
+        secrets
+    ]
+});
+overlay!(CheckUrl {
+    deep: [],
+    replace: [port, path, expected_status, timeout, interval]
+});
+overlay!(Resources {
+    deep: [requests, limits],
+    replace: []
+});
+overlay!(ResourceAmounts {
+    deep: [],
+    replace: [cpu, memory]
+});
+overlay!(Hooks {
+    deep: [],
+    replace: [directory, pre_start, pre_online, pre_offline]
+});
+overlay!(ReleaseSpec {
+    deep: [],
+    replace: [
+        strategy,
+        batches,
+        pause,
+        failed_instances,
+        progress_deadline
+    ]
+});
+overlay!(ConfigFiles {
+    deep: [],
+    replace: [mount_path],
+    maps: [files]
+});
+overlay!(Autoscaling {
+    deep: [],
+    replace: [min, max, cpu, memory, custom]
+});
+overlay!(Debug {
+    deep: [],
+    replace: [jdwp, port]
+});
 
 impl Profile {
     /// Names of the environments, sorted.
@@ -110,12 +180,8 @@ impl Profile {
     /// no such environment.
     pub fn effective(&self, env: &str) -> Option<EffectiveApp> {
         let environment = self.spec.environments.get(env)?;
-        let mut run = serde_json::to_value(&self.spec.run).unwrap_or(Json::Null);
-        let overlay = serde_json::to_value(&environment.overrides).unwrap_or(Json::Null);
-        merge(&mut run, &overlay, "");
-        // Both sides are values of RunSpec and the merge keeps their shapes,
-        // so this cannot fail; fall back to the base rather than panic.
-        let run = serde_json::from_value(run).unwrap_or_else(|_| self.spec.run.clone());
+        let mut run = self.spec.run.clone();
+        run.overlay(&environment.overrides);
         Some(EffectiveApp {
             name: self.metadata.name.clone(),
             env: env.to_string(),
