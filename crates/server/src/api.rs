@@ -555,7 +555,9 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
     let method = request.method().clone();
     let span = tracing::info_span!("request", method = %method, route = %route, subject = tracing::field::Empty);
     let started = Instant::now();
+    let in_flight = state.metrics.start();
     let response = next.run(request).instrument(span.clone()).await;
+    drop(in_flight);
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
     state

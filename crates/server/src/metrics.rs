@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Upper bounds (seconds) of the latency histogram buckets.
@@ -30,7 +31,19 @@ struct Series {
 #[derive(Debug)]
 pub struct Metrics {
     started: Instant,
+    in_flight: AtomicI64,
     series: Mutex<Series>,
+}
+
+/// Counts a request as in flight until dropped (also when the client goes
+/// away mid-request).
+#[derive(Debug)]
+pub struct InFlight<'a>(&'a AtomicI64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Default for Metrics {
@@ -44,8 +57,15 @@ impl Metrics {
     pub fn new() -> Metrics {
         Metrics {
             started: Instant::now(),
+            in_flight: AtomicI64::new(0),
             series: Mutex::new(Series::default()),
         }
+    }
+
+    /// Marks a request as started; it is in flight until the guard drops.
+    pub fn start(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(&self.in_flight)
     }
 
     /// Counts one handled request.
@@ -116,6 +136,13 @@ impl Metrics {
                 h.count
             );
         }
+        out.push_str("# HELP keelson_http_requests_in_flight Requests being handled now.\n");
+        out.push_str("# TYPE keelson_http_requests_in_flight gauge\n");
+        let _ = writeln!(
+            out,
+            "keelson_http_requests_in_flight {}",
+            self.in_flight.load(Ordering::Relaxed)
+        );
         out.push_str("# HELP keelson_uptime_seconds Seconds since the server started.\n");
         out.push_str("# TYPE keelson_uptime_seconds gauge\n");
         let _ = writeln!(
