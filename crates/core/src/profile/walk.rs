@@ -66,6 +66,15 @@ impl<'s> Walker<'s> {
         });
     }
 
+    fn not_one_of(&mut self, path: &Path<'_>, node: &Node, allowed: &[Json]) {
+        let message = format!(
+            "`{}` is not valid; expected one of {}",
+            scalar_text(node),
+            list(allowed)
+        );
+        self.error(path, node.mark, message);
+    }
+
     /// Checks `node` against `schema`; returns the node as JSON when it is
     /// valid enough to keep.
     pub fn walk(&mut self, node: &Node, schema: &'s Json, path: &Path<'_>) -> Option<Json> {
@@ -95,15 +104,7 @@ impl<'s> Walker<'s> {
         if let Some(allowed) = schema.get("enum").and_then(Json::as_array) {
             let json = super::yaml::to_json(node);
             if !allowed.contains(&json) {
-                self.error(
-                    path,
-                    node.mark,
-                    format!(
-                        "`{}` is not valid; expected one of {}",
-                        scalar_text(node),
-                        list(allowed)
-                    ),
-                );
+                self.not_one_of(path, node, allowed);
                 return None;
             }
         }
@@ -305,15 +306,7 @@ impl<'s> Walker<'s> {
                     )
                 })
                 .collect();
-            self.error(
-                path,
-                node.mark,
-                format!(
-                    "`{}` is not valid; expected one of {}",
-                    scalar_text(node),
-                    list(&values)
-                ),
-            );
+            self.not_one_of(path, node, &values);
             return None;
         }
         let expected: Vec<String> = branches
