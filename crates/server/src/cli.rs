@@ -68,6 +68,21 @@ pub enum GetCommand {
     Apps(GetAppsArgs),
     /// Show one app (its current revision, or --revision N).
     App(GetAppArgs),
+    /// List registered environments.
+    Environments(GetListArgs),
+    /// List registered targets (clusters and host groups).
+    Targets(GetListArgs),
+}
+
+/// `keelson get environments|targets`.
+#[derive(Debug, Clone, Args)]
+pub struct GetListArgs {
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub connection: Connection,
 }
 
 /// `keelson get apps`.
@@ -324,9 +339,17 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Runs `keelson serve` until SIGTERM or Ctrl-C.
+///
+/// Builds its own runtime: call it from a plain `fn main`. From async code,
+/// use [`serve_until_signal`].
 pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(serve_until_signal(args))
+}
+
+/// `keelson serve` for callers that already run a tokio runtime.
+pub async fn serve_until_signal(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
-    runtime()?.block_on(async move {
+    {
         let store = keelson_store::Store::open(&args.database)
             .await
             .with_context(|| {
@@ -348,7 +371,7 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         store.close().await;
         tracing::info!("stopped");
         Ok(())
-    })
+    }
 }
 
 fn init_logging(format: LogFormat) {
@@ -363,7 +386,8 @@ fn init_logging(format: LogFormat) {
     };
 }
 
-/// Runs a `keelson token` command.
+/// Runs a `keelson token` command. Builds its own runtime: call it from a
+/// plain `fn main` (from async code, use [`execute_token`]).
 pub fn run_token(command: TokenCommand) -> anyhow::Result<()> {
     runtime()?.block_on(execute_token(command, &mut std::io::stdout().lock()))
 }
@@ -621,7 +645,8 @@ fn short_digest(digest: &str) -> String {
         .collect()
 }
 
-/// Runs a client command, printing to standard output.
+/// Runs a client command, printing to standard output. Builds its own
+/// runtime: call it from a plain `fn main` (from async code, use [`execute`]).
 pub fn run_client(command: ClientCommand) -> anyhow::Result<()> {
     runtime()?.block_on(execute(command, &mut std::io::stdout().lock()))
 }
@@ -751,6 +776,69 @@ pub async fn execute(command: ClientCommand, out: &mut dyn Write) -> anyhow::Res
                         row.push(a.description.clone().unwrap_or_default());
                     }
                     write!(out, "{}", table(&header, &[row]))?;
+                }
+            }
+        }
+        ClientCommand::Get(GetCommand::Environments(args)) => {
+            let items = args
+                .connection
+                .client()?
+                .environments()
+                .await
+                .map_err(explain)?;
+            match args.output {
+                OutputFormat::Json => print_json(out, &serde_json::json!({ "items": items }))?,
+                OutputFormat::Yaml => print_yaml(out, &serde_json::json!({ "items": items }))?,
+                _ => {
+                    let rows: Vec<Vec<String>> = items
+                        .iter()
+                        .map(|e| {
+                            vec![
+                                e.spec.name.clone(),
+                                e.spec.tier.clone(),
+                                e.updated_at.to_string(),
+                                e.spec.description.clone().unwrap_or_default(),
+                            ]
+                        })
+                        .collect();
+                    write!(
+                        out,
+                        "{}",
+                        table(&["NAME", "TIER", "UPDATED", "DESCRIPTION"], &rows)
+                    )?;
+                }
+            }
+        }
+        ClientCommand::Get(GetCommand::Targets(args)) => {
+            let items = args.connection.client()?.targets().await.map_err(explain)?;
+            match args.output {
+                OutputFormat::Json => print_json(out, &serde_json::json!({ "items": items }))?,
+                OutputFormat::Yaml => print_yaml(out, &serde_json::json!({ "items": items }))?,
+                format => {
+                    let wide = format == OutputFormat::Wide;
+                    let rows: Vec<Vec<String>> = items
+                        .iter()
+                        .map(|t| {
+                            let mut row = vec![
+                                t.spec.name.clone(),
+                                serde_json::to_value(t.spec.kind)
+                                    .ok()
+                                    .and_then(|v| v.as_str().map(str::to_string))
+                                    .unwrap_or_default(),
+                                t.spec.environment.clone().unwrap_or_else(|| "-".into()),
+                                t.updated_at.to_string(),
+                            ];
+                            if wide {
+                                row.push(t.spec.config.to_string());
+                            }
+                            row
+                        })
+                        .collect();
+                    let mut header = vec!["NAME", "KIND", "ENVIRONMENT", "UPDATED"];
+                    if wide {
+                        header.push("CONFIG");
+                    }
+                    write!(out, "{}", table(&header, &rows))?;
                 }
             }
         }

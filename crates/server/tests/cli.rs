@@ -246,6 +246,34 @@ async fn apply_get_history_diff_rollback_and_tokens_from_the_command_line() {
         .to_string();
     assert!(missing.contains("HTTP 404"), "{missing}");
 
+    // Registered environments and targets are listed.
+    let admin_client = keelson_server::client::Client::new(&url, Some(admin.clone())).unwrap();
+    admin_client
+        .put_target(&keelson_store::NewTarget {
+            name: "prod-a".into(),
+            kind: keelson_store::TargetKind::Cluster,
+            environment: Some("prod".into()),
+            config: serde_json::json!({}),
+            description: None,
+        })
+        .await
+        .unwrap();
+    let targets = call(with(&["get", "targets"])).await.unwrap();
+    assert!(
+        targets
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with("prod-a ") && l.contains("cluster")),
+        "{targets}"
+    );
+    let envs: serde_json::Value = serde_json::from_str(
+        &call(with(&["get", "environments", "-o", "json"]))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(envs["items"], serde_json::json!([]));
+
     let anonymous = run(&["get", "apps", "--server", &url, "--token", "nope"])
         .await
         .unwrap_err()
