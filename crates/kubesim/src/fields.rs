@@ -87,6 +87,83 @@ pub fn field_set(obj: &Value, scope: Scope) -> FieldSet {
     out
 }
 
+/// Every path of [`field_set`] with the value found there (list items map
+/// to themselves), collected in one walk so that two versions of an object
+/// can be compared path by path.
+pub fn leaf_values(obj: &Value, scope: Scope) -> std::collections::BTreeMap<Path, &Value> {
+    let mut out = std::collections::BTreeMap::new();
+    let Some(m) = obj.as_object() else {
+        return out;
+    };
+    for (k, v) in m {
+        let tracked = match (k.as_str(), scope) {
+            ("apiVersion" | "kind", _) => false,
+            ("status", Scope::Main { status_separate }) => !status_separate,
+            (_, Scope::Main { .. }) => true,
+            ("status", Scope::Status) => true,
+            (_, Scope::Status) => false,
+        };
+        if !tracked {
+            continue;
+        }
+        let path = vec![PathElem::Field(k.clone())];
+        if k == "metadata" {
+            if let Some(meta) = v.as_object() {
+                for (mk, mv) in meta {
+                    if !UNTRACKED_META.contains(&mk.as_str()) {
+                        let mut p = path.clone();
+                        p.push(PathElem::Field(mk.clone()));
+                        walk_values(mv, mk, p, &mut out);
+                    }
+                }
+            }
+        } else {
+            walk_values(v, k, path, &mut out);
+        }
+    }
+    out
+}
+
+fn walk_values<'a>(
+    v: &'a Value,
+    field: &str,
+    path: Path,
+    out: &mut std::collections::BTreeMap<Path, &'a Value>,
+) {
+    match v {
+        Value::Object(m) if !m.is_empty() => {
+            for (k, c) in m {
+                let mut p = path.clone();
+                p.push(PathElem::Field(k.clone()));
+                walk_values(c, k, p, out);
+            }
+        }
+        Value::Array(items) if !items.is_empty() => match merge_key(field, items) {
+            Some(key) => {
+                for item in items {
+                    let mut p = path.clone();
+                    p.push(PathElem::Key(key.to_string(), item[key].to_string()));
+                    // The item's own entry only records that it exists.
+                    out.insert(p.clone(), &Value::Null);
+                    if let Some(m) = item.as_object() {
+                        for (k, c) in m {
+                            let mut q = p.clone();
+                            q.push(PathElem::Field(k.clone()));
+                            walk_values(c, k, q, out);
+                        }
+                    }
+                }
+            }
+            None => {
+                out.insert(path, v);
+            }
+        },
+        _ => {
+            out.insert(path, v);
+        }
+    }
+}
+
 fn walk(v: &Value, field: &str, path: Path, out: &mut FieldSet) {
     match v {
         Value::Object(m) if !m.is_empty() => {
@@ -261,6 +338,9 @@ pub struct ManagerEntry {
     pub subresource: Option<String>,
     /// The owned fields.
     pub fields: FieldSet,
+    /// The entry as read, while nothing about it changed (written back
+    /// as is, sparing a re-encoding).
+    pub raw: Option<Value>,
 }
 
 impl ManagerEntry {
@@ -282,16 +362,29 @@ pub fn read_managers(obj: &Value) -> Vec<ManagerEntry> {
             time: e["time"].as_str().unwrap_or("").to_string(),
             subresource: e["subresource"].as_str().map(String::from),
             fields: from_fields_v1(&e["fieldsV1"]),
+            raw: Some(e.clone()),
         })
         .collect()
+}
+
+/// The top-level `f:` names of an entry's FieldsV1, read without decoding
+/// the whole set.
+fn top_fields(entry: &Value) -> Vec<&str> {
+    entry["fieldsV1"]
+        .as_object()
+        .map(|m| m.keys().filter_map(|k| k.strip_prefix("f:")).collect())
+        .unwrap_or_default()
 }
 
 /// Writes `metadata.managedFields` (dropping entries that own nothing).
 pub fn write_managers(obj: &mut Value, managers: &[ManagerEntry]) {
     let list: Vec<Value> = managers
         .iter()
-        .filter(|m| !m.fields.is_empty())
+        .filter(|m| m.raw.is_some() || !m.fields.is_empty())
         .map(|m| {
+            if let Some(raw) = &m.raw {
+                return raw.clone();
+            }
             let mut e = json!({
                 "manager": m.manager,
                 "operation": m.operation,
@@ -331,22 +424,59 @@ pub fn record_update(
     scope: Scope,
     now: &str,
 ) {
-    let mut managers = old.map(read_managers).unwrap_or_default();
-    let new_fields = field_set(new, scope);
-    let old_fields = old.map(|o| field_set(o, scope)).unwrap_or_default();
-    let changed: FieldSet = new_fields
+    let new_leaves = leaf_values(new, scope);
+    let old_leaves = old.map(|o| leaf_values(o, scope)).unwrap_or_default();
+    let changed: FieldSet = new_leaves
         .iter()
-        .filter(|p| match p.last() {
-            Some(PathElem::Key(..)) => !old_fields.contains(*p),
-            _ => old.and_then(|o| get_at(o, p)) != get_at(new, p),
-        })
-        .cloned()
+        .filter(|(p, v)| old_leaves.get(*p) != Some(*v))
+        .map(|(p, _)| p.clone())
         .collect();
-    let removed: Vec<&Path> = old_fields.difference(&new_fields).collect();
-    for m in &mut managers {
-        m.fields
-            .retain(|p| !changed.contains(p) && !removed.iter().any(|r| has_prefix(p, r)));
-    }
+    let removed: Vec<&Path> = old_leaves
+        .keys()
+        .filter(|p| !new_leaves.contains_key(*p))
+        .collect();
+    let touched: BTreeSet<&str> = changed
+        .iter()
+        .chain(removed.iter().copied())
+        .filter_map(|p| match p.first() {
+            Some(PathElem::Field(f)) => Some(f.as_str()),
+            _ => None,
+        })
+        .collect();
+    // Entries owning nothing under a touched top-level field stay as read,
+    // without decoding.
+    let mut managers: Vec<ManagerEntry> = old
+        .and_then(|o| o.pointer("/metadata/managedFields"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let same_slot = e["manager"].as_str() == Some(manager)
+                && e["operation"].as_str() == Some("Update")
+                && e["subresource"].as_str() == subresource;
+            if !same_slot && !top_fields(e).iter().any(|f| touched.contains(f)) {
+                return ManagerEntry {
+                    manager: e["manager"].as_str().unwrap_or("").to_string(),
+                    operation: e["operation"].as_str().unwrap_or("Update").to_string(),
+                    api_version: String::new(),
+                    time: String::new(),
+                    subresource: e["subresource"].as_str().map(String::from),
+                    fields: FieldSet::new(),
+                    raw: Some(e.clone()),
+                };
+            }
+            let mut m = read_managers(&json!({"metadata": {"managedFields": [e]}}))
+                .pop()
+                .expect("one entry was given");
+            let before = m.fields.len();
+            m.fields
+                .retain(|p| !changed.contains(p) && !removed.iter().any(|r| has_prefix(p, r)));
+            if m.fields.len() != before {
+                m.raw = None;
+            }
+            m
+        })
+        .collect();
     if !changed.is_empty() {
         match managers
             .iter_mut()
@@ -356,6 +486,7 @@ pub fn record_update(
                 m.fields.extend(changed);
                 m.time = now.to_string();
                 m.api_version = api_version.to_string();
+                m.raw = None;
             }
             None => managers.push(ManagerEntry {
                 manager: manager.to_string(),
@@ -364,6 +495,7 @@ pub fn record_update(
                 time: now.to_string(),
                 subresource: subresource.map(String::from),
                 fields: changed,
+                raw: None,
             }),
         }
     }
@@ -423,7 +555,11 @@ pub fn apply(
         }
         for m in &mut managers {
             if !m.same_slot(manager, "Apply", subresource) {
+                let before = m.fields.len();
                 m.fields.retain(|p| !conflicts.iter().any(|c| c.path == *p));
+                if m.fields.len() != before {
+                    m.raw = None;
+                }
             }
         }
     }
@@ -452,6 +588,7 @@ pub fn apply(
             m.fields = cfg_fields;
             m.time = now.to_string();
             m.api_version = api_version.to_string();
+            m.raw = None;
         }
         None => managers.push(ManagerEntry {
             manager: manager.to_string(),
@@ -460,6 +597,7 @@ pub fn apply(
             time: now.to_string(),
             subresource: subresource.map(String::from),
             fields: cfg_fields,
+            raw: None,
         }),
     }
     write_managers(&mut merged, &managers);

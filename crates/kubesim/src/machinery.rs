@@ -169,13 +169,19 @@ fn meta_mut(v: &mut Value) -> &mut serde_json::Map<String, Value> {
         .expect("metadata is an object")
 }
 
-fn strip_for_generation(v: &Value) -> Value {
-    let mut c = v.clone();
-    if let Some(m) = c.as_object_mut() {
-        m.remove("metadata");
-        m.remove("status");
-    }
-    c
+/// Whether anything but metadata and status differs (what bumps
+/// `metadata.generation`).
+fn spec_changed(old: &Value, new: &Value) -> bool {
+    let (Some(o), Some(n)) = (old.as_object(), new.as_object()) else {
+        return old != new;
+    };
+    let outside = |k: &String| k != "metadata" && k != "status";
+    o.iter()
+        .filter(|(k, _)| outside(k))
+        .any(|(k, v)| n.get(k) != Some(v))
+        || n.iter()
+            .filter(|(k, _)| outside(k))
+            .any(|(k, _)| !o.contains_key(k))
 }
 
 /// Encodes a continue token.
@@ -397,15 +403,6 @@ impl Machinery {
             .unwrap_or_else(|| "unknown".into());
         let submitted = body.clone();
         self.create_prepared(res, ns, body, opts, |obj| {
-            fields::record_update(
-                None,
-                obj,
-                &manager,
-                &rt.api_version(),
-                None,
-                scope_of(rt, Sub::Main),
-                &util::now_rfc3339(),
-            );
             // Ownership covers what the client sent, not the defaults.
             let mut managed = submitted.clone();
             fields::record_update(
@@ -488,13 +485,13 @@ impl Machinery {
             if opts.dry_run {
                 return Ok(body);
             }
-            match self.store.write(
+            match self.store.write_returning(
                 res,
                 &Self::key(res, ns, &name),
                 Expect::Absent,
                 Some(body.clone()),
             ) {
-                Ok(o) => return Ok(o.value()),
+                Ok((_, v)) => return Ok(v),
                 Err(WriteError::Exists) if given.is_none() => continue,
                 Err(_) => return Err(ApiError::already_exists(rt, &name)),
             }
@@ -760,7 +757,7 @@ impl Machinery {
                 apply_defaults(rt.kind, &mut new, &self.alloc);
             }
         }
-        if rt.tracks_generation() && strip_for_generation(old_v) != strip_for_generation(&new) {
+        if rt.tracks_generation() && spec_changed(old_v, &new) {
             let g = old_v
                 .pointer("/metadata/generation")
                 .and_then(Value::as_i64)
@@ -796,9 +793,9 @@ impl Machinery {
                 .and_then(Value::as_array)
                 .is_none_or(Vec::is_empty);
         let key = Self::key(res, ns, name);
-        let written = self
+        let (written, written_v) = self
             .store
-            .write(res, &key, Expect::Version(old.rv), Some(new))
+            .write_returning(res, &key, Expect::Version(old.rv), Some(new))
             .map_err(|e| internal_conflict(rt, name, e))?;
         if finalized {
             let gone = self
@@ -808,7 +805,7 @@ impl Machinery {
             self.after_removal(res, &gone);
             return Ok(gone.value());
         }
-        Ok(written.value())
+        Ok(written_v)
     }
 
     /// Deletes an object: at once, or by marking it (grace period,
@@ -1128,21 +1125,49 @@ impl Machinery {
     }
 }
 
-fn without_manager_times(v: &Value) -> Value {
-    let mut c = v.clone();
-    if let Some(Value::Array(mf)) = c.pointer_mut("/metadata/managedFields") {
-        for e in mf.iter_mut().filter_map(Value::as_object_mut) {
-            e.remove("time");
-        }
-    }
-    if let Some(m) = c.get_mut("metadata").and_then(Value::as_object_mut) {
-        m.remove("resourceVersion");
-    }
-    c
-}
-
+/// Whether a write would change nothing: equal outside metadata, and in
+/// metadata equal but for the resourceVersion and managedFields times.
 fn unchanged(old: &Value, new: &Value) -> bool {
-    without_manager_times(old) == without_manager_times(new)
+    let (Some(o), Some(n)) = (old.as_object(), new.as_object()) else {
+        return old == new;
+    };
+    if o.len() != n.len()
+        || o.iter()
+            .any(|(k, v)| k != "metadata" && n.get(k) != Some(v))
+    {
+        return false;
+    }
+    let empty = serde_json::Map::new();
+    let om = o
+        .get("metadata")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    let nm = n
+        .get("metadata")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    let skip = |k: &String| k == "resourceVersion" || k == "managedFields";
+    let count = |m: &serde_json::Map<String, Value>| m.keys().filter(|k| !skip(k)).count();
+    if count(om) != count(nm) || om.iter().any(|(k, v)| !skip(k) && nm.get(k) != Some(v)) {
+        return false;
+    }
+    let entries = |m: &serde_json::Map<String, Value>| -> Vec<Value> {
+        m.get("managedFields")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .map(|e| {
+                        let mut e = e.clone();
+                        if let Some(x) = e.as_object_mut() {
+                            x.remove("time");
+                        }
+                        e
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    entries(om) == entries(nm)
 }
 
 fn too_large(n: u64) -> ApiError {

@@ -281,6 +281,18 @@ impl Store {
         expect: Expect,
         new: Option<Value>,
     ) -> Result<Arc<Obj>, WriteError> {
+        self.write_returning(res, key, expect, new).map(|(o, _)| o)
+    }
+
+    /// [`Store::write`], also handing back the written object as a value
+    /// (stamped with its resourceVersion), which spares callers a parse.
+    pub fn write_returning(
+        &self,
+        res: ResourceId,
+        key: &str,
+        expect: Expect,
+        new: Option<Value>,
+    ) -> Result<(Arc<Obj>, Value), WriteError> {
         let mut guard = self.write_lock();
         let inner = &mut *guard;
         let prev = inner.tables[res].objects.get(key).cloned();
@@ -349,7 +361,7 @@ impl Store {
         }
         drop(guard);
         self.notify.send_replace(rv);
-        Ok(obj)
+        Ok((obj, value))
     }
 
     /// Forgets all history, as an etcd compaction at the current version:
