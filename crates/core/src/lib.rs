@@ -4,3 +4,4 @@
 pub mod lifecycle;
 pub mod probe;
 pub mod profile;
+pub mod release;

@@ -1,0 +1,63 @@
+//! Releases: moving an app in one environment to a new version, in batches,
+//! by a strategy, as a durable state machine. Deciding is separate from
+//! doing: this module decides (pure, no IO, no clock); an engine elsewhere
+//! applies the [`Action`]s to a runtime, feeds the [`Event`]s back, and
+//! stores the [`Release`] as one JSON document after every step.
+//!
+//! ```text
+//!            Start
+//!  pending ────────► running batch i ──────────────────────────────┐
+//!                    │ stages, in order, each waits for its actions │
+//!                    │  in-place: take offline ─► replace ─► wait   │ last batch
+//!                    │  dual:     start new ─► wait ─► offline+stop │ done
+//!                    │  wait online: failed instance ─► policy      ▼
+//!                    │     (recreate │ tolerate │ fail ─► failed)  succeeded
+//!                    ▼ batch done
+//!     pause: 30s ─► pausing ──(time)──► running batch i+1
+//!     pause: manual ─► paused ──Resume─► running batch i+1
+//!     Pause (user) ─► paused ──Resume─► where it was
+//!
+//!  running│pausing│paused ──Abort──► aborting ──(in-flight done; new
+//!        instances offline unless keep_online; old ones this batch took
+//!        offline back online)──► aborted
+//!  any but pending ──Rollback──► rolling back ──(in-flight done; plan back
+//!        to the previous version, same batches, no pauses)──► running
+//!        (phase rollback) ─► … ─► rolled back │ failed
+//! ```
+//!
+//! Rollback is a second phase of the same release, not a new release: it
+//! plans from the fleet as it stands (instances already on the previous
+//! version are left alone) with the same batch machinery, skips the pauses,
+//! and journals its steps under the `rollback` phase so that step ids never
+//! collide with the forward ones.
+//!
+//! The runtime side: core holds only the data ([`Action`], [`Command`],
+//! [`InstanceEvent`]). The async `Runtime` trait (apply an action; a stream
+//! of instance lifecycle events, pushed by watches or host agents) belongs
+//! to the engine crate, which has tokio; hosts and Kubernetes implement it
+//! there. Its contract, stated here because the machine relies on it:
+//! - every [`Command`] is idempotent and is reported with
+//!   [`Event::Done`] (or [`Event::ActionFailed`]) under its [`StepId`];
+//! - `TakeOffline` holds an instance out of traffic, across restarts, until
+//!   `BringOnline`;
+//! - hosts report the attempt in [`InstanceEvent::attempt`];
+//! - the engine delivers [`Event::Tick`] at the times named by `WaitOnline`
+//!   and `PauseUntil`, and after a restart re-applies `release.pending`.
+
+pub mod action;
+pub mod machine;
+pub mod plan;
+pub mod policy;
+pub mod summary;
+
+pub use action::{
+    Action, Command, Event, Input, InstanceChange, InstanceEvent, InstanceId, Instances, Outcome,
+    Phase, StepId, Timestamp, Track, Version,
+};
+pub use machine::{Cursor, PauseReason, Release, Status, Transition, step};
+pub use plan::{
+    Awaited, BatchPlan, Fleet, HostInstance, InstanceState, PlanError, PodState, ReleasePlan,
+    ReleaseSettings, Stage, TrackState, batch_sizes, plan,
+};
+pub use policy::{FailedInstancePolicy, InstanceOutcome, OutcomeState, PolicyDecision, decide};
+pub use summary::{InstanceSummary, Summary, TrackSummary, VersionSummary, summarize};
