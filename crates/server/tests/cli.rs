@@ -172,6 +172,21 @@ async fn apply_get_history_diff_rollback_and_tokens_from_the_command_line() {
         "{diff}"
     );
 
+    let diff: serde_json::Value = serde_json::from_str(
+        &call(with(&["diff", "hello", "1", "2", "-o", "json"]))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(diff["changes"][0]["op"], "changed");
+    let app: serde_json::Value = serde_json::from_str(
+        &call(with(&["get", "app", "hello", "-o", "json"]))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(app["revision"]["number"], 2);
+
     let rolled = call(with(&["rollback-profile", "hello", "1"]))
         .await
         .unwrap();
@@ -197,6 +212,22 @@ async fn apply_get_history_diff_rollback_and_tokens_from_the_command_line() {
     assert!(
         err.contains("HTTP 422") && err.contains("spec.environments.prod.replicas"),
         "{err}"
+    );
+
+    let audit: serde_json::Value = serde_json::from_str(
+        &call(with(&["audit", "--kind", "token", "-o", "json"]))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(audit["items"][0]["action"], "token.create");
+    // Made straight on the database: the actor is the local user.
+    assert!(
+        audit["items"][0]["actor"]
+            .as_str()
+            .unwrap()
+            .starts_with("local:"),
+        "{audit}"
     );
 
     // A member token made through the server may read but not touch another team's app.
