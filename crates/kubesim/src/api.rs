@@ -65,7 +65,12 @@ fn bytes_response(code: u16, body: Vec<u8>) -> Response {
 }
 
 fn error_response(e: &ApiError) -> Response {
-    let mut r = json_response(e.code, &e.status());
+    let mut status = e.status();
+    // The machinery's retry marker is not for clients.
+    if let Some(d) = status.get_mut("details").and_then(Value::as_object_mut) {
+        d.remove("internal");
+    }
+    let mut r = json_response(e.code, &status);
     if let Some(s) = e.retry_after {
         r.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(s));

@@ -450,6 +450,47 @@ async fn runtime_watcher_recovers_from_drops_and_expiry() {
     );
 }
 
+#[tokio::test]
+async fn streaming_list_watcher_gets_initial_events_and_the_end_bookmark() {
+    let (sim, client) = sim().await;
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    for n in ["s1", "s2"] {
+        api.create(&PostParams::default(), &cm(n, json!({})))
+            .await
+            .unwrap();
+    }
+    let mut events = watcher(api.clone(), watcher::Config::default().streaming_lists()).boxed();
+    let mut initial = Vec::new();
+    loop {
+        match timeout(WAIT, events.try_next())
+            .await
+            .expect("in time")
+            .expect("no error")
+            .expect("open")
+        {
+            watcher::Event::Init => {}
+            watcher::Event::InitApply(c) => initial.push(c.metadata.name.unwrap()),
+            watcher::Event::InitDone => break,
+            other => panic!("unexpected before InitDone: {other:?}"),
+        }
+    }
+    assert_eq!(initial, ["s1", "s2"]);
+    api.create(&PostParams::default(), &cm("s3", json!({})))
+        .await
+        .unwrap();
+    match timeout(WAIT, events.try_next())
+        .await
+        .expect("in time")
+        .expect("no error")
+        .expect("open")
+    {
+        watcher::Event::Apply(c) => assert_eq!(c.metadata.name.as_deref(), Some("s3")),
+        other => panic!("expected s3, got {other:?}"),
+    }
+    // A streaming list needs no LIST request at all.
+    assert_eq!(sim.metrics().total(Verb::List, "configmaps"), 0);
+}
+
 fn cm_apply(data: Value) -> Value {
     json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "shared"}, "data": data})
 }
