@@ -17,6 +17,7 @@
 
 pub mod grants;
 pub mod hooks;
+pub mod host;
 pub mod http;
 pub mod labels;
 pub mod layout;

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use keelson_agent_lifecycle::layout::{DEFAULT_ROOT, Instance, Layout};
 use keelson_agent_lifecycle::output::Output;
 use keelson_agent_lifecycle::sidecar::{self, SidecarConfig};
-use keelson_agent_lifecycle::{hooks, roles, stop_flag};
+use keelson_agent_lifecycle::{hooks, host, roles, stop_flag};
 
 #[derive(Parser)]
 #[command(
@@ -73,6 +73,9 @@ enum Role {
         /// The step name.
         step: String,
     },
+    /// Run the host daemon: deploy, start and stop instances on this machine
+    /// through an authenticated HTTP API.
+    Host(HostArgs),
     /// Evaluate a liveness expression: exit 0 healthy, 1 unhealthy, 2 invalid.
     Probe {
         /// The expression [default: the document's liveness].
@@ -83,7 +86,42 @@ enum Role {
     },
 }
 
+/// `keelson-agent host`.
+#[derive(clap::Args)]
+struct HostArgs {
+    /// Address of the API.
+    #[arg(long, env = "KEELSON_HOST_LISTEN", default_value = "127.0.0.1:7400")]
+    listen: String,
+    /// Where instances live.
+    #[arg(
+        long,
+        env = "KEELSON_HOST_STATE_DIR",
+        default_value = "/var/lib/keelson-host"
+    )]
+    state_dir: PathBuf,
+    /// The host token (bearer token of the API and of the grant API).
+    #[arg(long, env = "KEELSON_HOST_TOKEN_FILE")]
+    token_file: PathBuf,
+    /// The host's name [default: the machine's hostname].
+    #[arg(long, env = "KEELSON_HOST_NAME")]
+    name: Option<String>,
+    /// The address instances bind their ports on (127.0.0.2, 127.0.0.3, …
+    /// let one machine stand in for several hosts).
+    #[arg(long, env = "KEELSON_INSTANCE_ADDRESS", default_value = "127.0.0.1")]
+    instance_address: String,
+    /// A directory local artifacts may come from (repeatable).
+    #[arg(long = "artifact-root")]
+    artifact_roots: Vec<PathBuf>,
+    /// A URL prefix artifacts may be downloaded from (repeatable).
+    #[arg(long = "allow-url")]
+    allowed_urls: Vec<String>,
+}
+
 fn main() -> ExitCode {
+    // The host daemon's supervisors are this binary, re-executed.
+    if let Some(code) = host::run_internal_from_args(std::env::args_os()) {
+        return code;
+    }
     let cli = Cli::parse();
     let mut layout = Layout::under(&cli.root);
     if let Some(config) = cli.config {
@@ -109,6 +147,27 @@ fn main() -> ExitCode {
 fn run(role: Role, layout: Layout) -> Result<ExitCode, String> {
     let instance = Instance::from_env();
     match role {
+        Role::Host(args) => {
+            let name = match args.name {
+                Some(n) => n,
+                None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_else(|_| "localhost".into()),
+            };
+            let config = host::DaemonConfig {
+                listen: args.listen,
+                state_dir: args.state_dir,
+                token_file: args.token_file,
+                name,
+                instance_address: args.instance_address,
+                artifact_roots: args.artifact_roots,
+                allowed_urls: args.allowed_urls,
+                exe: std::env::current_exe().map_err(|e| format!("cannot find myself: {e}"))?,
+            };
+            let stop = stop_flag().map_err(|e| format!("cannot handle signals: {e}"))?;
+            host::run(config, Output::stdout("host"), stop)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Role::Probe {
             expression,
             timeout_ms,

@@ -1,7 +1,9 @@
 //! A tiny HTTP app for the pod harness and the benchmark.
 //!
 //! `keelson-testapp PORT HEALTHY_AFTER_MS EVENTS_FILE`: `/checkurl` answers
-//! 503 until HEALTHY_AFTER_MS have passed, then 200; `/work` answers 200.
+//! 503 until HEALTHY_AFTER_MS have passed, then 200; `/work` answers 200;
+//! `/exit` makes it exit with status 3 at once (a crash). It listens on
+//! `KEELSON_BIND_ADDRESS` (default 127.0.0.1).
 //! On SIGTERM it appends `app:sigterm` to EVENTS_FILE, keeps serving for a
 //! moment (a graceful stop), appends `app:exit` and exits.
 
@@ -31,7 +33,9 @@ fn main() {
     let events = events.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let _ = signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone());
-    let listener = match TcpListener::bind(("127.0.0.1", port.parse().unwrap_or(0))) {
+    // On hosts the daemon says which loopback address stands for this VM.
+    let address = std::env::var("KEELSON_BIND_ADDRESS").unwrap_or_else(|_| "127.0.0.1".into());
+    let listener = match TcpListener::bind((address.as_str(), port.parse().unwrap_or(0))) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("testapp: cannot listen on {port}: {e}");
@@ -62,6 +66,11 @@ fn main() {
                 let n = stream.read(&mut buf).unwrap_or(0);
                 let head = String::from_utf8_lossy(&buf[..n]);
                 let path = head.split_whitespace().nth(1).unwrap_or("/");
+                if path == "/exit" {
+                    // A crash on demand, for restart tests.
+                    append(&events, "app:crash");
+                    std::process::exit(3);
+                }
                 let status = match path {
                     "/checkurl" if started.elapsed() >= delay => "200 OK",
                     "/checkurl" => "503 Service Unavailable",

@@ -1,0 +1,276 @@
+//! Puts an instance's artifact into its working directory: a local path
+//! under one of the daemon's artifact roots, or an `http://` URL starting
+//! with one of its allowed prefixes. Archives (`.tar`, `.tar.gz`, `.tgz`)
+//! are unpacked with the host's `tar`; a directory is copied; any other file
+//! is copied as is, keeping its mode.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use super::api::Artifact;
+use crate::http::Url;
+
+/// Why an artifact could not be installed; `field` names the request field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ArtifactError {
+    /// `artifact.path` or `artifact.url`.
+    pub field: &'static str,
+    /// What went wrong.
+    pub message: String,
+    /// Whether the request was at fault (else the host was).
+    pub bad_request: bool,
+}
+
+fn bad(field: &'static str, message: String) -> ArtifactError {
+    ArtifactError {
+        field,
+        message,
+        bad_request: true,
+    }
+}
+
+fn host_error(field: &'static str, message: String) -> ArtifactError {
+    ArtifactError {
+        field,
+        message,
+        bad_request: false,
+    }
+}
+
+/// Checks where the artifact comes from without touching the working
+/// directory: the local path, canonical, under a root; or an allowed URL.
+pub fn check(
+    artifact: &Artifact,
+    roots: &[PathBuf],
+    allowed_urls: &[String],
+) -> Result<(), ArtifactError> {
+    match artifact {
+        Artifact::Path(path) => local_path(path, roots).map(|_| ()),
+        Artifact::Url(url) => allowed_url(url, allowed_urls).map(|_| ()),
+    }
+}
+
+fn local_path(path: &str, roots: &[PathBuf]) -> Result<PathBuf, ArtifactError> {
+    const F: &str = "artifact.path";
+    if !Path::new(path).is_absolute() {
+        return Err(bad(
+            F,
+            format!("artifact.path `{path}` must be an absolute path"),
+        ));
+    }
+    let real = std::fs::canonicalize(path)
+        .map_err(|e| bad(F, format!("artifact.path `{path}` cannot be used: {e}")))?;
+    let inside = roots
+        .iter()
+        .any(|root| std::fs::canonicalize(root).is_ok_and(|root| real.starts_with(root)));
+    if !inside {
+        let list: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+        return Err(bad(
+            F,
+            if list.is_empty() {
+                format!(
+                    "artifact.path `{path}` is not allowed: this host has no artifact roots (start the daemon with --artifact-root)"
+                )
+            } else {
+                format!(
+                    "artifact.path `{path}` is outside the host's artifact roots ({})",
+                    list.join(", ")
+                )
+            },
+        ));
+    }
+    Ok(real)
+}
+
+fn allowed_url(url: &str, allowed: &[String]) -> Result<Url, ArtifactError> {
+    const F: &str = "artifact.url";
+    if !allowed
+        .iter()
+        .any(|prefix| url.starts_with(prefix.as_str()))
+    {
+        return Err(bad(
+            F,
+            if allowed.is_empty() {
+                format!(
+                    "artifact.url `{url}` is not allowed: this host allows no artifact URLs (start the daemon with --allow-url)"
+                )
+            } else {
+                format!(
+                    "artifact.url `{url}` does not start with an allowed prefix ({})",
+                    allowed.join(", ")
+                )
+            },
+        ));
+    }
+    Url::parse(url).map_err(|e| bad(F, format!("artifact.url: {e}")))
+}
+
+/// Installs `artifact` into `working_dir` (created); `scratch` holds
+/// downloads.
+pub fn install(
+    artifact: &Artifact,
+    roots: &[PathBuf],
+    allowed_urls: &[String],
+    working_dir: &Path,
+    scratch: &Path,
+) -> Result<(), ArtifactError> {
+    let field = match artifact {
+        Artifact::Path(_) => "artifact.path",
+        Artifact::Url(_) => "artifact.url",
+    };
+    std::fs::create_dir_all(working_dir).map_err(|e| {
+        host_error(
+            field,
+            format!("cannot create {}: {e}", working_dir.display()),
+        )
+    })?;
+    let (source, name) = match artifact {
+        Artifact::Path(path) => {
+            let real = local_path(path, roots)?;
+            if real.is_dir() {
+                return copy_tree(&real, working_dir).map_err(|e| host_error(field, e));
+            }
+            let name = file_name(&real.display().to_string());
+            (real, name)
+        }
+        Artifact::Url(url) => {
+            let parsed = allowed_url(url, allowed_urls)?;
+            std::fs::create_dir_all(scratch).map_err(|e| {
+                host_error(field, format!("cannot create {}: {e}", scratch.display()))
+            })?;
+            let name = file_name(url.split(['?', '#']).next().unwrap_or(url));
+            let target = scratch.join(&name);
+            download(&parsed, url, &target)?;
+            (target, name)
+        }
+    };
+    if [".tar", ".tar.gz", ".tgz"]
+        .iter()
+        .any(|s| name.ends_with(s))
+    {
+        let out = Command::new("tar")
+            .arg("-xf")
+            .arg(&source)
+            .arg("-C")
+            .arg(working_dir)
+            .output()
+            .map_err(|e| host_error(field, format!("cannot run tar: {e}")))?;
+        if !out.status.success() {
+            return Err(bad(
+                field,
+                format!(
+                    "{field}: `{name}` is not a valid archive: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            ));
+        }
+        return Ok(());
+    }
+    std::fs::copy(&source, working_dir.join(&name))
+        .map(|_| ())
+        .map_err(|e| host_error(field, format!("cannot copy {}: {e}", source.display())))
+}
+
+fn file_name(path: &str) -> String {
+    path.rsplit('/')
+        .find(|s| !s.is_empty())
+        .unwrap_or("artifact")
+        .to_string()
+}
+
+fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
+    let entries =
+        std::fs::read_dir(from).map_err(|e| format!("cannot read {}: {e}", from.display()))?;
+    std::fs::create_dir_all(to).map_err(|e| format!("cannot create {}: {e}", to.display()))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("cannot read {}: {e}", from.display()))?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            copy_tree(&src, &dst)?;
+        } else {
+            std::fs::copy(&src, &dst)
+                .map_err(|e| format!("cannot copy {} to {}: {e}", src.display(), dst.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// GETs `url` into `target`, streaming (no size limit but the disk's).
+fn download(url: &Url, raw: &str, target: &Path) -> Result<(), ArtifactError> {
+    const F: &str = "artifact.url";
+    let fail = |what: String| host_error(F, format!("cannot download `{raw}`: {what}"));
+    let addr = (url.host.as_str(), url.port)
+        .to_socket_addrs()
+        .map_err(|e| fail(e.to_string()))?
+        .next()
+        .ok_or_else(|| fail("no address".into()))?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .map_err(|e| fail(e.to_string()))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| fail(e.to_string()))?;
+    let path = if url.base_path.is_empty() {
+        "/"
+    } else {
+        url.base_path.as_str()
+    };
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {}:{}\r\nConnection: close\r\nUser-Agent: keelson-agent\r\n\r\n",
+        url.host, url.port
+    );
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| fail(e.to_string()))?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader
+        .read_line(&mut line)
+        .map_err(|e| fail(e.to_string()))?;
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| fail("not an HTTP response".into()))?;
+    let mut length: Option<u64> = None;
+    loop {
+        line.clear();
+        reader
+            .read_line(&mut line)
+            .map_err(|e| fail(e.to_string()))?;
+        let t = line.trim_end();
+        if t.is_empty() {
+            break;
+        }
+        if let Some((n, v)) = t.split_once(':') {
+            let n = n.trim().to_ascii_lowercase();
+            if n == "content-length" {
+                length = v.trim().parse().ok();
+            } else if n == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked") {
+                return Err(fail(
+                    "chunked responses are not supported; serve the file with a Content-Length"
+                        .into(),
+                ));
+            }
+        }
+    }
+    if status != 200 {
+        return Err(bad(F, format!("cannot download `{raw}`: HTTP {status}")));
+    }
+    let mut file = std::fs::File::create(target).map_err(|e| fail(e.to_string()))?;
+    let copied = match length {
+        Some(n) => std::io::copy(&mut reader.take(n), &mut file),
+        None => std::io::copy(&mut reader, &mut file),
+    }
+    .map_err(|e| fail(e.to_string()))?;
+    if length.is_some_and(|n| n != copied) {
+        return Err(fail(format!(
+            "got {copied} of {} bytes",
+            length.unwrap_or(0)
+        )));
+    }
+    Ok(())
+}

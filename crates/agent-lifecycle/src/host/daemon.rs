@@ -1,0 +1,725 @@
+//! The host daemon: the authenticated HTTP API over the instances of one
+//! host. It keeps no state of its own in memory: everything is in the
+//! instance directories, written by the daemon (spec, desired state) and by
+//! each instance's supervisor (record, log). So a restarted daemon has
+//! re-attached as soon as it can read files, and a reconcile loop restarts
+//! supervisors that died while their instance should run.
+//!
+//! ```text
+//! PUT  …/{name}        validate ─► (stopped?) ─► artifact into the working dir ─► lifecycle.json + spec.json
+//! POST …/{name}/start  desired=running ─► record {supervisor, starting} ─► spawn `exe __keelson-host supervise DIR`
+//! POST …/{name}/stop   desired=stopped ─► SIGTERM supervisor ─► wait until it has exited (offline, stop, revoke)
+//! GET  …/{name}/logs   read the log segments from an offset; follow = keep reading as they grow
+//! ```
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keelson_core::lifecycle::LifecycleDocument;
+use serde_json::json;
+
+use super::api::{
+    DeployRequest, Desired, ErrorBody, ErrorDetail, HostInfo, InstanceView, SupervisorState,
+    valid_instance_name,
+};
+use super::instance::{HostSpec, InstanceDir, SupervisorRecord};
+use super::server::{ChunkWriter, Reply, Request, serve};
+use super::{INTERNAL_SUBCOMMAND, artifact, log};
+use crate::layout::{remove_if_present, write_json_atomic};
+use crate::output::{Output, rfc3339_now};
+use crate::process::{AppProcess, parse_stat};
+
+/// How the daemon is run.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// Where the API listens (`127.0.0.1:7400`).
+    pub listen: String,
+    /// Where instances live.
+    pub state_dir: PathBuf,
+    /// The host token: the API's bearer token and the grant API's.
+    pub token_file: PathBuf,
+    /// The host's name.
+    pub name: String,
+    /// The address instances bind on (`127.0.0.2` to stand in for a second VM).
+    pub instance_address: String,
+    /// Local directories artifacts may come from.
+    pub artifact_roots: Vec<PathBuf>,
+    /// URL prefixes artifacts may be downloaded from.
+    pub allowed_urls: Vec<String>,
+    /// The binary run as supervisor (this one).
+    pub exe: PathBuf,
+}
+
+/// An API error: status, stable code, message, field.
+#[derive(Debug, Clone)]
+struct ApiError {
+    status: u16,
+    code: &'static str,
+    message: String,
+    field: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    fn field(mut self, field: &str) -> Self {
+        self.field = Some(field.to_string());
+        self
+    }
+
+    fn reply(&self) -> Reply {
+        Reply::json(
+            self.status,
+            &ErrorBody {
+                error: ErrorDetail {
+                    code: self.code.to_string(),
+                    message: self.message.clone(),
+                    field: self.field.clone(),
+                },
+            },
+        )
+    }
+}
+
+type ApiResult<T = Reply> = Result<T, ApiError>;
+
+fn internal(what: impl std::fmt::Display) -> ApiError {
+    ApiError::new(500, "internal", what.to_string())
+}
+
+struct Daemon {
+    config: DaemonConfig,
+    token: String,
+    started_at: String,
+    locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    children: Mutex<Vec<Child>>,
+    output: Output,
+    stop: Arc<AtomicBool>,
+}
+
+/// Runs the daemon until `stop` is set.
+pub fn run(config: DaemonConfig, output: Output, stop: Arc<AtomicBool>) -> Result<(), String> {
+    let token = std::fs::read_to_string(&config.token_file)
+        .map_err(|e| {
+            format!(
+                "cannot read the host token {}: {e}",
+                config.token_file.display()
+            )
+        })?
+        .trim()
+        .to_string();
+    if token.is_empty() {
+        return Err(format!(
+            "the host token {} is empty",
+            config.token_file.display()
+        ));
+    }
+    std::fs::create_dir_all(config.state_dir.join("instances"))
+        .map_err(|e| format!("cannot create {}: {e}", config.state_dir.display()))?;
+    let listener = TcpListener::bind(&config.listen)
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the listen address: {e}"))?;
+    let daemon = Arc::new(Daemon {
+        config,
+        token,
+        started_at: rfc3339_now(),
+        locks: Mutex::new(HashMap::new()),
+        children: Mutex::new(Vec::new()),
+        output,
+        stop: stop.clone(),
+    });
+    let attached: Vec<serde_json::Value> = daemon
+        .names()
+        .iter()
+        .filter_map(|n| {
+            let dir = daemon.dir(n);
+            dir.live_supervisor()
+                .map(|p| json!({"instance": n, "supervisor_pid": p.pid}))
+        })
+        .collect();
+    daemon.output.event(
+        "host_started",
+        &[
+            ("name", json!(daemon.config.name)),
+            ("listen", json!(local.to_string())),
+            ("instance_address", json!(daemon.config.instance_address)),
+            (
+                "state_dir",
+                json!(daemon.config.state_dir.display().to_string()),
+            ),
+            ("reattached", json!(attached)),
+        ],
+    );
+    {
+        let daemon = daemon.clone();
+        std::thread::Builder::new()
+            .name("reconcile".into())
+            .spawn(move || {
+                while !daemon.stop.load(Ordering::SeqCst) {
+                    daemon.reconcile();
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            })
+            .map_err(|e| format!("cannot start the reconcile thread: {e}"))?;
+    }
+    {
+        // Wake the accept loop when asked to stop.
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = std::net::TcpStream::connect(local);
+        });
+    }
+    let handler = {
+        let daemon = daemon.clone();
+        Arc::new(move |req: Request| daemon.handle(req))
+    };
+    serve(listener, stop, handler);
+    daemon.output.event("host_stopped", &[]);
+    Ok(())
+}
+
+impl Daemon {
+    fn dir(&self, name: &str) -> InstanceDir {
+        InstanceDir::new(&self.config.state_dir, name)
+    }
+
+    fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.config.state_dir.join("instances"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| valid_instance_name(n))
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn lock_for(&self, name: &str) -> Arc<Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(name.to_string()).or_default().clone()
+    }
+
+    /// Reaps exited supervisors; restarts those that died while their
+    /// instance should run (not the ones that ended on their own).
+    fn reconcile(&self) {
+        if let Ok(mut children) = self.children.lock() {
+            children.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
+        }
+        for name in self.names() {
+            let dir = self.dir(&name);
+            if dir.desired() != Desired::Running || dir.live_supervisor().is_some() {
+                continue;
+            }
+            let Some(record) = dir.record() else { continue };
+            if record.state.is_final() {
+                continue;
+            }
+            let lock = self.lock_for(&name);
+            let Ok(_guard) = lock.try_lock() else {
+                continue;
+            };
+            // Look again under the lock: a start may just have finished.
+            if dir.live_supervisor().is_some() || dir.record().is_some_and(|r| r.state.is_final()) {
+                continue;
+            }
+            self.output.event(
+                "supervisor_lost",
+                &[("instance", json!(name)), ("state", json!(record.state))],
+            );
+            if let Err(e) = self.spawn_supervisor(&dir) {
+                self.output.event(
+                    "supervisor_respawn_failed",
+                    &[("instance", json!(name)), ("error", json!(e.message))],
+                );
+            }
+        }
+    }
+
+    fn handle(&self, req: Request) -> Reply {
+        match self.route(req) {
+            Ok(reply) => reply,
+            Err(e) => e.reply(),
+        }
+    }
+
+    fn authorize(&self, req: &Request) -> ApiResult<()> {
+        let Some(header) = req.header("authorization") else {
+            return Err(ApiError::new(
+                401,
+                "unauthorized",
+                "missing `Authorization: Bearer <host token>` header",
+            ));
+        };
+        let presented = header.strip_prefix("Bearer ").unwrap_or("").trim();
+        if !constant_time_eq(presented.as_bytes(), self.token.as_bytes()) {
+            return Err(ApiError::new(
+                401,
+                "invalid_token",
+                "the bearer token is not this host's token",
+            ));
+        }
+        Ok(())
+    }
+
+    fn route(&self, req: Request) -> ApiResult {
+        self.authorize(&req)?;
+        let Some(rest) = req.path.strip_prefix("/v1/") else {
+            return Err(ApiError::new(
+                404,
+                "no_route",
+                format!("no route {} {}", req.method, req.path),
+            ));
+        };
+        let segs: Vec<&str> = rest.split('/').collect();
+        match (req.method.as_str(), segs.as_slice()) {
+            ("GET", ["host"]) => Ok(Reply::json(200, &self.host_info())),
+            ("GET", ["instances"]) => {
+                let views: Vec<InstanceView> = self
+                    .names()
+                    .iter()
+                    .filter_map(|n| self.view(n).ok())
+                    .collect();
+                Ok(Reply::json(200, &views))
+            }
+            ("PUT", ["instances", name]) => self.deploy(name, &req.body),
+            ("GET", ["instances", name]) => Ok(Reply::json(200, &self.view(name)?)),
+            ("DELETE", ["instances", name]) => self.delete(name),
+            ("POST", ["instances", name, "start"]) => self.start(name),
+            ("POST", ["instances", name, "stop"]) => self.stop_instance(name),
+            ("POST", ["instances", name, "restart"]) => {
+                self.stop_instance(name)?;
+                self.start(name)
+            }
+            ("GET", ["instances", name, "logs"]) => self.logs(name, &req),
+            (_, ["host" | "instances"] | ["instances", _] | ["instances", _, _]) => {
+                Err(ApiError::new(
+                    405,
+                    "method_not_allowed",
+                    format!("{} is not allowed on {}", req.method, req.path),
+                ))
+            }
+            _ => Err(ApiError::new(
+                404,
+                "no_route",
+                format!("no route {} {}", req.method, req.path),
+            )),
+        }
+    }
+
+    fn host_info(&self) -> HostInfo {
+        let names = self.names();
+        let running = names
+            .iter()
+            .filter(|n| self.dir(n).live_supervisor().is_some())
+            .count();
+        HostInfo {
+            name: self.config.name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            instance_address: self.config.instance_address.clone(),
+            started_at: self.started_at.clone(),
+            instances: names.len(),
+            running,
+        }
+    }
+
+    fn known(&self, name: &str) -> ApiResult<(InstanceDir, HostSpec, LifecycleDocument)> {
+        let not_found = || {
+            ApiError::new(
+                404,
+                "instance_not_found",
+                format!("no instance `{name}` on host `{}`", self.config.name),
+            )
+        };
+        if !valid_instance_name(name) {
+            return Err(not_found());
+        }
+        let dir = self.dir(name);
+        let spec = dir.spec().ok_or_else(not_found)?;
+        let doc = dir.layout(&spec).load_document().map_err(internal)?;
+        Ok((dir, spec, doc))
+    }
+
+    fn view(&self, name: &str) -> ApiResult<InstanceView> {
+        let (dir, spec, doc) = self.known(name)?;
+        Ok(dir.view(&spec, &doc.app, &doc.env))
+    }
+
+    fn deploy(&self, name: &str, body: &[u8]) -> ApiResult {
+        if !valid_instance_name(name) {
+            return Err(ApiError::new(
+                400,
+                "invalid_name",
+                format!("`{name}` is not a valid instance name: use 1-63 of a-z, 0-9, `-`, `.`, `_`, starting with a letter or digit"),
+            )
+            .field("name"));
+        }
+        let request: DeployRequest = serde_json::from_slice(body).map_err(|e| {
+            ApiError::new(400, "invalid_body", format!("invalid deploy request: {e}"))
+        })?;
+        if request.command.first().is_none_or(|c| c.is_empty()) {
+            return Err(
+                ApiError::new(400, "invalid_field", "command must name a program").field("command"),
+            );
+        }
+        if let Some(wd) = &request.working_dir
+            && !Path::new(wd).is_absolute()
+        {
+            return Err(ApiError::new(
+                400,
+                "invalid_field",
+                format!("working_dir `{wd}` must be an absolute path"),
+            )
+            .field("working_dir"));
+        }
+        if let Some(h) = &request.hooks_dir
+            && (Path::new(h).is_absolute() || h.split('/').any(|c| c == ".."))
+        {
+            return Err(ApiError::new(
+                400,
+                "invalid_field",
+                format!("hooks_dir `{h}` must be a relative path inside the working directory"),
+            )
+            .field("hooks_dir"));
+        }
+        if let Some(a) = &request.artifact {
+            artifact::check(a, &self.config.artifact_roots, &self.config.allowed_urls)
+                .map_err(|e| ApiError::new(400, "invalid_artifact", e.message).field(e.field))?;
+        }
+        let lock = self.lock_for(name);
+        let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = self.dir(name);
+        if dir.live_supervisor().is_some() {
+            return Err(ApiError::new(
+                409,
+                "instance_running",
+                format!("instance `{name}` is running; stop it before deploying a new version"),
+            ));
+        }
+        std::fs::create_dir_all(&dir.root).map_err(internal)?;
+        let working_dir = match &request.working_dir {
+            Some(wd) => PathBuf::from(wd),
+            None => {
+                let wd = dir.default_working_dir();
+                if wd.exists() {
+                    std::fs::remove_dir_all(&wd).map_err(internal)?;
+                }
+                wd
+            }
+        };
+        std::fs::create_dir_all(&working_dir).map_err(|e| {
+            ApiError::new(
+                500,
+                "internal",
+                format!("cannot create {}: {e}", working_dir.display()),
+            )
+            .field("working_dir")
+        })?;
+        if let Some(a) = &request.artifact {
+            artifact::install(
+                a,
+                &self.config.artifact_roots,
+                &self.config.allowed_urls,
+                &working_dir,
+                &dir.root.join("download"),
+            )
+            .map_err(|e| {
+                let status = if e.bad_request { 400 } else { 500 };
+                ApiError::new(status, "invalid_artifact", e.message).field(e.field)
+            })?;
+        }
+        let mut doc = request.lifecycle.clone();
+        if let Some(auth) = doc.authorization.as_mut() {
+            // On hosts the grant API is called with the host token.
+            auth.token_path = self.config.token_file.display().to_string();
+        }
+        let spec = HostSpec {
+            name: name.to_string(),
+            uid: format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
+            host: self.config.name.clone(),
+            address: self.config.instance_address.clone(),
+            command: request.command.clone(),
+            env: request.env.clone(),
+            hooks_dir: working_dir.join(request.hooks_dir.as_deref().unwrap_or("hooks")),
+            working_dir,
+            restart: request.restart,
+            log_segment_bytes: request
+                .log_segment_bytes
+                .unwrap_or(log::DEFAULT_SEGMENT_BYTES),
+            artifact: request.artifact.clone(),
+            deployed_at: rfc3339_now(),
+        };
+        let layout = dir.layout(&spec);
+        write_json_atomic(&layout.config, &doc).map_err(internal)?;
+        write_json_atomic(&dir.spec_path(), &spec).map_err(internal)?;
+        let _ = remove_if_present(&dir.record_path());
+        dir.set_desired(Desired::Stopped).map_err(internal)?;
+        self.output.event(
+            "instance_deployed",
+            &[
+                ("instance", json!(name)),
+                ("artifact", json!(spec.artifact)),
+            ],
+        );
+        if request.start {
+            self.start_locked(&dir)?;
+        }
+        Ok(Reply::json(201, &dir.view(&spec, &doc.app, &doc.env)))
+    }
+
+    fn start(&self, name: &str) -> ApiResult {
+        let (dir, spec, doc) = self.known(name)?;
+        let lock = self.lock_for(name);
+        let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.start_locked(&dir)?;
+        Ok(Reply::json(200, &dir.view(&spec, &doc.app, &doc.env)))
+    }
+
+    fn start_locked(&self, dir: &InstanceDir) -> ApiResult<()> {
+        dir.set_desired(Desired::Running).map_err(internal)?;
+        if dir.live_supervisor().is_some() {
+            return Ok(());
+        }
+        let run = dir.root.join("run");
+        for f in ["offline.request", "offline.ack", "offline.done"] {
+            let _ = remove_if_present(&run.join(f));
+        }
+        self.spawn_supervisor(dir)
+    }
+
+    /// Spawns the supervisor, records it, then lets it go (closes its stdin),
+    /// so the record names the supervisor before the supervisor writes it.
+    fn spawn_supervisor(&self, dir: &InstanceDir) -> ApiResult<()> {
+        let spec = dir
+            .spec()
+            .ok_or_else(|| internal("the instance has no spec"))?;
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.root.join("supervisor.stderr"))
+            .map_err(internal)?;
+        let mut command = Command::new(&self.config.exe);
+        command
+            .arg(INTERNAL_SUBCOMMAND)
+            .arg("supervise")
+            .arg(&dir.root)
+            .current_dir(&dir.root)
+            .envs(&spec.env)
+            .env("KEELSON_POD_NAME", &spec.name)
+            .env("KEELSON_POD_UID", &spec.uid)
+            .env("KEELSON_POD_IP", &spec.address)
+            .env("KEELSON_NAMESPACE", "")
+            .env("KEELSON_BIND_ADDRESS", &spec.address)
+            .env("KEELSON_HOST", &spec.host)
+            .env("KEELSON_INSTANCE_DIR", &dir.root)
+            .env_remove("KEELSON_CONFIG")
+            .env_remove("KEELSON_LABELS")
+            .env_remove("KEELSON_HOOKS_DIR")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(stderr));
+        let mut child = command.spawn().map_err(|e| {
+            internal(format!(
+                "cannot start a supervisor ({}): {e}",
+                self.config.exe.display()
+            ))
+        })?;
+        let process = std::fs::read_to_string(format!("/proc/{}/stat", child.id()))
+            .ok()
+            .and_then(|s| parse_stat(&s))
+            .map(|s| AppProcess {
+                pid: child.id(),
+                start_time: s.start_time,
+            });
+        let previous = dir.record();
+        let record = SupervisorRecord {
+            process,
+            state: SupervisorState::Starting,
+            phase: None,
+            app_pid: None,
+            restarts: previous.as_ref().map_or(0, |r| r.restarts),
+            last_exit: previous.and_then(|r| r.last_exit),
+            message: None,
+            updated_at: rfc3339_now(),
+        };
+        let written = write_json_atomic(&dir.record_path(), &record);
+        drop(child.stdin.take());
+        self.output.event(
+            "supervisor_spawned",
+            &[("instance", json!(spec.name)), ("pid", json!(child.id()))],
+        );
+        if let Ok(mut children) = self.children.lock() {
+            children.push(child);
+        }
+        written.map_err(internal)
+    }
+
+    fn stop_instance(&self, name: &str) -> ApiResult {
+        let (dir, spec, doc) = self.known(name)?;
+        let lock = self.lock_for(name);
+        let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        dir.set_desired(Desired::Stopped).map_err(internal)?;
+        if let Some(supervisor) = dir.live_supervisor() {
+            super::supervisor::signal_group(supervisor.pid, rustix::process::Signal::TERM);
+            let budget = roles_budget(&doc);
+            let deadline = Instant::now() + budget;
+            while supervisor.is_running() {
+                if Instant::now() >= deadline {
+                    return Err(ApiError::new(
+                        500,
+                        "stop_timed_out",
+                        format!(
+                            "instance `{name}` did not stop within {}s; its supervisor (pid {}) is still stopping",
+                            budget.as_secs(),
+                            supervisor.pid
+                        ),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if let Ok(mut children) = self.children.lock() {
+                children.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
+            }
+        }
+        Ok(Reply::json(200, &dir.view(&spec, &doc.app, &doc.env)))
+    }
+
+    fn delete(&self, name: &str) -> ApiResult {
+        let (dir, _, _) = self.known(name)?;
+        let lock = self.lock_for(name);
+        let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        if dir.live_supervisor().is_some() {
+            return Err(ApiError::new(
+                409,
+                "instance_running",
+                format!("instance `{name}` is running; stop it before deleting it"),
+            ));
+        }
+        std::fs::remove_dir_all(&dir.root).map_err(internal)?;
+        Ok(Reply::empty(204))
+    }
+
+    fn logs(&self, name: &str, req: &Request) -> ApiResult {
+        let (dir, _, _) = self.known(name)?;
+        let logs = dir.logs();
+        let end = log::end_offset(&logs);
+        let raw = req.param("offset").or_else(|| req.header("last-event-id"));
+        let offset = match raw {
+            None => 0,
+            Some("end") => end,
+            Some(v) => v.parse::<u64>().map_err(|_| {
+                ApiError::new(
+                    400,
+                    "invalid_field",
+                    format!("offset `{v}` is not a number or `end`"),
+                )
+                .field("offset")
+            })?,
+        };
+        if offset > end {
+            return Err(ApiError::new(
+                400,
+                "invalid_field",
+                format!("offset {offset} is beyond the end of the log ({end})"),
+            )
+            .field("offset"));
+        }
+        let follow = matches!(req.param("follow"), Some("true" | "1"));
+        let events_only = match req.param("only") {
+            None => false,
+            Some("events") => true,
+            Some(v) => {
+                return Err(ApiError::new(
+                    400,
+                    "invalid_field",
+                    format!("only=`{v}` is not supported; use only=events"),
+                )
+                .field("only"));
+            }
+        };
+        let stop = self.stop.clone();
+        Ok(Reply::Stream {
+            content_type: "text/event-stream",
+            body: Box::new(move |w| stream_log(w, &logs, offset, follow, events_only, &stop)),
+        })
+    }
+}
+
+/// How long a stop may take: the offline sequence, the app's stop, a margin.
+fn roles_budget(doc: &LifecycleDocument) -> Duration {
+    crate::roles::default_offline_timeout(doc)
+        + Duration::from_secs(u64::from(doc.stop_timeout_seconds) + 30)
+}
+
+/// Writes the log from `offset` as server-sent events, `id` being the
+/// offset to resume from; with `follow`, keeps going as the log grows.
+fn stream_log(
+    w: &mut ChunkWriter,
+    logs: &Path,
+    offset: u64,
+    follow: bool,
+    events_only: bool,
+    stop: &AtomicBool,
+) -> std::io::Result<()> {
+    let mut next = offset;
+    let mut last_write = Instant::now();
+    loop {
+        let chunk = match log::read_from(logs, next, 256 * 1024) {
+            Ok(c) => c,
+            // The instance was deleted under us.
+            Err(_) => return Ok(()),
+        };
+        let mut text = String::new();
+        if let Some(to) = chunk.skipped_to {
+            text.push_str(&format!(
+                "event: gap\nid: {to}\ndata: {{\"from\":{next},\"to\":{to}}}\n\n"
+            ));
+        }
+        for (end, line) in &chunk.lines {
+            if events_only && !line.starts_with('{') {
+                continue;
+            }
+            text.push_str(&format!("id: {end}\ndata: {}\n\n", line.replace('\r', "")));
+        }
+        let empty = chunk.lines.is_empty();
+        next = chunk.next;
+        if !text.is_empty() {
+            w.send(text.as_bytes())?;
+            last_write = Instant::now();
+        }
+        if empty {
+            if !follow || stop.load(Ordering::SeqCst) || !logs.parent().is_some_and(Path::exists) {
+                return Ok(());
+            }
+            if last_write.elapsed() > Duration::from_secs(15) {
+                w.send(b": keepalive\n\n")?;
+                last_write = Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,195 @@
+//! One instance's directory on the host: the pod's shared volume layout
+//! (see [`crate::layout`]) plus what the host side adds.
+//!
+//! ```text
+//! {state}/instances/{name}/
+//!   config/lifecycle.json   the LifecycleDocument, as in a pod
+//!   spec.json               the host-side spec: command, env, working dir, restart, address
+//!   desired                 `running` | `stopped`: what the daemon wants
+//!   supervisor.json         the supervisor's record (pid, state, phase, restarts)
+//!   app/                    the working directory (default), the artifact unpacked
+//!   bin/keelson-tag         forwards preStart output (see HookRunner::with_forwarder)
+//!   run/                    healthcheck.html, app.json, lease.json, offline.* (as in a pod)
+//!   logs/                   the instance's log segments
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::api::{Artifact, Desired, ExitRecord, InstanceView, Restart, SupervisorState};
+use crate::layout::{Layout, read_json};
+use crate::process::AppProcess;
+use crate::sidecar::Phase;
+
+/// The host-side spec the supervisor runs from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostSpec {
+    /// The instance's name.
+    pub name: String,
+    /// A unique id of this deployment (the pod UID's counterpart).
+    pub uid: String,
+    /// The host's name.
+    pub host: String,
+    /// The address the instance binds on and is checked at.
+    pub address: String,
+    /// The command.
+    pub command: Vec<String>,
+    /// Extra environment.
+    pub env: BTreeMap<String, String>,
+    /// The working directory (absolute).
+    pub working_dir: PathBuf,
+    /// The hooks directory (absolute).
+    pub hooks_dir: PathBuf,
+    /// The restart policy.
+    pub restart: Restart,
+    /// Log segment size.
+    pub log_segment_bytes: u64,
+    /// What was deployed.
+    pub artifact: Option<Artifact>,
+    /// When.
+    pub deployed_at: String,
+}
+
+/// The supervisor's record, rewritten atomically on every change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SupervisorRecord {
+    /// The supervisor process.
+    pub process: Option<AppProcess>,
+    /// Its state.
+    pub state: SupervisorState,
+    /// The sidecar's phase.
+    pub phase: Option<Phase>,
+    /// The app's pid.
+    pub app_pid: Option<u32>,
+    /// Restarts since start.
+    pub restarts: u32,
+    /// The last exit.
+    pub last_exit: Option<ExitRecord>,
+    /// Why it failed.
+    pub message: Option<String>,
+    /// When the record changed.
+    pub updated_at: String,
+}
+
+/// Paths of one instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceDir {
+    /// `{state}/instances/{name}`.
+    pub root: PathBuf,
+}
+
+impl InstanceDir {
+    /// The directory of `name` under the daemon's state directory.
+    pub fn new(state_dir: &Path, name: &str) -> Self {
+        InstanceDir {
+            root: state_dir.join("instances").join(name),
+        }
+    }
+
+    /// The spec.
+    pub fn spec_path(&self) -> PathBuf {
+        self.root.join("spec.json")
+    }
+
+    /// The desired state.
+    pub fn desired_path(&self) -> PathBuf {
+        self.root.join("desired")
+    }
+
+    /// The supervisor's record.
+    pub fn record_path(&self) -> PathBuf {
+        self.root.join("supervisor.json")
+    }
+
+    /// The log directory.
+    pub fn logs(&self) -> PathBuf {
+        self.root.join("logs")
+    }
+
+    /// The default working directory.
+    pub fn default_working_dir(&self) -> PathBuf {
+        self.root.join("app")
+    }
+
+    /// The preStart output forwarder.
+    pub fn tag_shim(&self) -> PathBuf {
+        self.root.join("bin").join("keelson-tag")
+    }
+
+    /// The spec, if deployed.
+    pub fn spec(&self) -> Option<HostSpec> {
+        read_json(&self.spec_path())
+    }
+
+    /// The lifecycle layout: the pod's, rooted here, hooks from the spec.
+    pub fn layout(&self, spec: &HostSpec) -> Layout {
+        let mut layout = Layout::under(&self.root);
+        layout.hooks = spec.hooks_dir.clone();
+        layout
+    }
+
+    /// What the daemon wants.
+    pub fn desired(&self) -> Desired {
+        match std::fs::read_to_string(self.desired_path()) {
+            Ok(s) if s.trim() == "running" => Desired::Running,
+            _ => Desired::Stopped,
+        }
+    }
+
+    /// Records what the daemon wants.
+    pub fn set_desired(&self, desired: Desired) -> std::io::Result<()> {
+        let text = match desired {
+            Desired::Running => "running\n",
+            Desired::Stopped => "stopped\n",
+        };
+        crate::layout::write_atomic(&self.desired_path(), text.as_bytes())
+    }
+
+    /// The supervisor's record.
+    pub fn record(&self) -> Option<SupervisorRecord> {
+        read_json(&self.record_path())
+    }
+
+    /// The supervisor process, while it runs.
+    pub fn live_supervisor(&self) -> Option<AppProcess> {
+        self.record()
+            .and_then(|r| r.process)
+            .filter(AppProcess::is_running)
+    }
+
+    /// The instance as the API reports it.
+    pub fn view(&self, spec: &HostSpec, app: &str, env: &str) -> InstanceView {
+        let record = self.record();
+        let live = record
+            .as_ref()
+            .and_then(|r| r.process)
+            .filter(AppProcess::is_running);
+        let (state, phase, app_pid) = match (&record, live) {
+            (None, _) => (SupervisorState::Stopped, None, None),
+            (Some(r), Some(_)) => (r.state, r.phase, r.app_pid),
+            (Some(r), None) if r.state.is_final() => (r.state, None, None),
+            (Some(_), None) => (SupervisorState::Lost, None, None),
+        };
+        let layout = self.layout(spec);
+        InstanceView {
+            name: spec.name.clone(),
+            app: app.to_string(),
+            env: env.to_string(),
+            address: spec.address.clone(),
+            desired: self.desired(),
+            state,
+            phase,
+            online: live.is_some() && layout.healthcheck().exists(),
+            supervisor_pid: live.map(|p| p.pid),
+            app_pid,
+            restarts: record.as_ref().map_or(0, |r| r.restarts),
+            last_exit: record.as_ref().and_then(|r| r.last_exit.clone()),
+            message: record.as_ref().and_then(|r| r.message.clone()),
+            deployed_at: spec.deployed_at.clone(),
+            artifact: spec.artifact.clone(),
+            log_offset: super::log::end_offset(&self.logs()),
+        }
+    }
+}
