@@ -126,6 +126,22 @@ mod tests {
             refs.iter().any(|r| r.ends_with("/ApplyOutcome")),
             "{refs:?}"
         );
+        // Distinct types keep distinct, readable names (no `Target2`).
+        let names: Vec<&String> = doc["components"]["schemas"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect();
+        assert!(
+            names
+                .iter()
+                .all(|n| !n.ends_with(|c: char| c.is_ascii_digit())),
+            "{names:?}"
+        );
+        assert!(
+            names.iter().any(|n| *n == "ItemsOfRegisteredTarget"),
+            "{names:?}"
+        );
         for r in refs {
             let name = r
                 .strip_prefix("#/components/schemas/")
