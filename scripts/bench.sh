@@ -7,3 +7,4 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/keelson-target}"
 args=("$@")
 
 cargo run --quiet --release --locked -p keelson-cli --example render_bench -- "${args[@]}"
+cargo run --quiet --release --locked -p keelson-server --example api_bench -- "${args[@]}"

@@ -1,5 +1,6 @@
-//! The `keelson` command: argument definitions and the offline commands that
-//! need no server (`validate`, `render`, `schema`).
+//! The `keelson` command: argument definitions, the offline commands that
+//! need no server (`validate`, `render`, `schema`), and dispatch to the
+//! server's own commands (`serve`, `token`, `apply`, `get`, …).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -67,6 +68,14 @@ pub enum Command {
     },
     /// Print the JSON Schema of the app profile, for editor completion.
     Schema,
+    /// Commands that talk to a keelson server.
+    #[command(flatten)]
+    Client(keelson_server::cli::ClientCommand),
+    /// Run the keelson server (HTTP API) on SQLite or PostgreSQL.
+    Serve(keelson_server::cli::ServeArgs),
+    /// Create, list and revoke API tokens (bootstrap the first with --database).
+    #[command(subcommand)]
+    Token(keelson_server::cli::TokenCommand),
 }
 
 /// How `validate` reports.
@@ -133,6 +142,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             std::io::stdout().write_all(text.as_bytes())?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Client(c) => keelson_server::cli::run_client(c).map(|()| ExitCode::SUCCESS),
+        Command::Serve(a) => keelson_server::cli::run_serve(a).map(|()| ExitCode::SUCCESS),
+        Command::Token(t) => keelson_server::cli::run_token(t).map(|()| ExitCode::SUCCESS),
         Command::Schema => {
             println!("{}", serde_json::to_string_pretty(&profile::json_schema())?);
             Ok(ExitCode::SUCCESS)
