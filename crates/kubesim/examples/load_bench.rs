@@ -1,6 +1,7 @@
 //! Loads kubesim with many namespaces and realistic pods, then prints one
 //! JSON line: `{namespaces, pods, load_seconds, rss_mib, list_one_app_ms,
-//! bytes_per_pod}`. `list_one_app_ms` is the median time for kube-rs to list
+//! bytes_per_pod, stored_bytes_per_pod}`: a pod's JSON size and what the
+//! store keeps for it (compressed). `list_one_app_ms` is the median time for kube-rs to list
 //! one app's pods by label selector across all namespaces over HTTP.
 //!
 //! `cargo run --release -p kubesim --example load_bench -- [--smoke]`
@@ -170,6 +171,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let load_seconds = start.elapsed().as_secs_f64();
+    let stored = m.store().stored_bytes(ids::PODS);
     let rss = rss_mib();
 
     let mut config = Config::new(sim.base_url().parse()?);
@@ -202,6 +204,7 @@ async fn main() -> anyhow::Result<()> {
             "list_one_app_ms": (times[times.len() / 2] * 100.0).round() / 100.0,
             "list_one_app_pods": found,
             "bytes_per_pod": bytes / pods.min(1000),
+            "stored_bytes_per_pod": stored / pods.max(1),
         })
     );
     sim.shutdown().await?;

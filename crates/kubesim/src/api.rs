@@ -468,8 +468,7 @@ fn list_bytes(rt: &ResourceType, page: &crate::machinery::ListPage) -> Vec<u8> {
     if let Some(r) = page.remaining {
         meta["remainingItemCount"] = json!(r);
     }
-    let size: usize = page.items.iter().map(|o| o.json.len() + 1).sum();
-    let mut out = Vec::with_capacity(size + 256);
+    let mut out = Vec::with_capacity(page.items.len() * 4096 + 256);
     out.extend_from_slice(
         format!(
             "{{\"kind\":\"{}List\",\"apiVersion\":\"{}\",\"metadata\":{},\"items\":[",
@@ -483,7 +482,7 @@ fn list_bytes(rt: &ResourceType, page: &crate::machinery::ListPage) -> Vec<u8> {
         if i > 0 {
             out.push(b',');
         }
-        out.extend_from_slice(&o.json);
+        out.extend_from_slice(&o.json());
     }
     out.extend_from_slice(b"]}");
     out
@@ -987,7 +986,7 @@ fn watch(
                 let t = table::table(rt, &[v], &rv, None, &include);
                 event_line(kind, &serde_json::to_vec(&t).unwrap_or_default())
             } else {
-                event_line(kind, &o.json)
+                event_line(kind, &o.json())
             }
         };
         let bookmark = |rv: u64, initial_end: bool| -> Bytes {

@@ -34,8 +34,9 @@ pub struct Obj {
     pub key: Box<str>,
     /// The resource version this copy was written at.
     pub rv: u64,
-    /// The whole object as JSON.
-    pub json: Box<[u8]>,
+    /// The whole object as JSON, LZ4-compressed (objects of one kind
+    /// repeat the same keys, so this shrinks them severalfold).
+    packed: Box<[u8]>,
     /// `metadata.labels`.
     pub labels: Labels,
     /// `metadata.uid`.
@@ -45,9 +46,19 @@ pub struct Obj {
 }
 
 impl Obj {
+    /// The whole object as JSON.
+    pub fn json(&self) -> Vec<u8> {
+        lz4_flex::decompress_size_prepended(&self.packed).unwrap_or_else(|_| b"{}".to_vec())
+    }
+
+    /// How many bytes the object takes in the store.
+    pub fn stored_len(&self) -> usize {
+        self.packed.len()
+    }
+
     /// Parses the stored JSON.
     pub fn value(&self) -> Value {
-        serde_json::from_slice(&self.json).unwrap_or(Value::Null)
+        serde_json::from_slice(&self.json()).unwrap_or(Value::Null)
     }
 
     /// The namespace part of the key (`""` for cluster-scoped objects).
@@ -233,6 +244,16 @@ impl Store {
     /// The latest version of one object.
     pub fn get(&self, res: ResourceId, key: &str) -> Option<Arc<Obj>> {
         self.read().tables[res].objects.get(key).cloned()
+    }
+
+    /// Bytes the objects of one resource take in the store (compressed
+    /// JSON only, not indexes).
+    pub fn stored_bytes(&self, res: ResourceId) -> usize {
+        self.read().tables[res]
+            .objects
+            .values()
+            .map(|o| o.stored_len())
+            .sum()
     }
 
     /// Number of objects of one resource.
@@ -490,8 +511,7 @@ fn build_obj(inner: &mut Inner, key: &str, rv: u64, value: &Value) -> Obj {
     Obj {
         key: key.into(),
         rv,
-        json: serde_json::to_vec(value)
-            .unwrap_or_default()
+        packed: lz4_flex::compress_prepend_size(&serde_json::to_vec(value).unwrap_or_default())
             .into_boxed_slice(),
         labels,
         uid,
