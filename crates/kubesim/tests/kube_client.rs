@@ -774,6 +774,67 @@ async fn garbage_collection_background_foreground_orphan() {
 }
 
 #[tokio::test]
+async fn bound_pods_terminate_gracefully_unbound_ones_go_at_once() {
+    let (_sim, client) = sim_with(SimConfig {
+        pod_termination: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client, "default");
+    let make = |name: &str, node: Option<&str>| -> Pod {
+        let mut spec = json!({"containers": [{"name": "app", "image": "x:1"}]});
+        if let Some(n) = node {
+            spec["nodeName"] = json!(n);
+        }
+        serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).unwrap()
+    };
+    pods.create(&PostParams::default(), &make("bound", Some("node-1")))
+        .await
+        .unwrap();
+    pods.create(&PostParams::default(), &make("unbound", None))
+        .await
+        .unwrap();
+
+    let rv = pods
+        .get("bound")
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let mut w = pods
+        .watch(
+            &WatchParams::default()
+                .fields("metadata.name=bound")
+                .disable_bookmarks(),
+            &rv,
+        )
+        .await
+        .unwrap()
+        .boxed();
+    let answer = pods
+        .delete("bound", &DeleteParams::default())
+        .await
+        .unwrap();
+    let terminating = answer.left().expect("the terminating pod is returned");
+    assert!(terminating.metadata.deletion_timestamp.is_some());
+    assert_eq!(terminating.metadata.deletion_grace_period_seconds, Some(30));
+    match timeout(WAIT, w.next()).await.unwrap().unwrap().unwrap() {
+        WatchEvent::Modified(p) => assert!(p.metadata.deletion_timestamp.is_some()),
+        other => panic!("expected the pod marked terminating, got {other:?}"),
+    }
+    match timeout(WAIT, w.next()).await.unwrap().unwrap().unwrap() {
+        WatchEvent::Deleted(_) => {}
+        other => panic!("expected the pod gone, got {other:?}"),
+    }
+
+    pods.delete("unbound", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert!(pods.get_opt("unbound").await.unwrap().is_none());
+}
+
+#[tokio::test]
 async fn finalizers_hold_deletion_until_removed() {
     let (_sim, client) = sim().await;
     let api: Api<ConfigMap> = Api::namespaced(client, "default");
