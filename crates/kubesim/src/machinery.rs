@@ -538,7 +538,7 @@ impl Machinery {
         };
         let out = self.commit(res, ns, name, &old, &old_v, new, sub, opts, None)?;
         if sub == Sub::Scale {
-            return Ok(scale_of(rt, &out));
+            return Ok(scale_of(&out));
         }
         Ok(out)
     }
@@ -598,7 +598,7 @@ impl Machinery {
             };
             let old_v = old.value();
             let target = if sub == Sub::Scale {
-                scale_of(rt, &old_v)
+                scale_of(&old_v)
             } else {
                 old_v.clone()
             };
@@ -666,7 +666,7 @@ impl Machinery {
                     last = Some(e);
                     continue;
                 }
-                Ok(out) if sub == Sub::Scale => return Ok(scale_of(rt, &out)),
+                Ok(out) if sub == Sub::Scale => return Ok(scale_of(&out)),
                 other => return other,
             }
         }
@@ -802,7 +802,7 @@ impl Machinery {
                 .store
                 .write(res, &key, Expect::Version(written.rv), None)
                 .map_err(|e| internal_conflict(rt, name, e))?;
-            self.after_removal(res, &gone);
+            self.after_removal(&gone);
             return Ok(gone.value());
         }
         Ok(written_v)
@@ -879,7 +879,7 @@ impl Machinery {
                 .store
                 .write(res, &key, Expect::Version(old.rv), None)
                 .map_err(|e| internal_conflict(rt, name, e))?;
-            self.after_removal(res, &gone);
+            self.after_removal(&gone);
             return Ok(gone.value());
         }
         if !already || foreground {
@@ -930,12 +930,11 @@ impl Machinery {
         if namespace_teardown {
             self.teardown_namespace(name);
         }
-        if let Some(g) = grace {
+        if grace.is_some() {
             self.schedule_pod_removal(
                 ns.unwrap_or("").to_string(),
                 name.to_string(),
                 marked.uid.clone(),
-                g,
             );
         }
         Ok(self
@@ -945,7 +944,7 @@ impl Machinery {
             .unwrap_or_else(|| marked.value()))
     }
 
-    fn schedule_pod_removal(&self, ns: String, name: String, uid: Arc<str>, _grace: i64) {
+    fn schedule_pod_removal(&self, ns: String, name: String, uid: Arc<str>) {
         let store = self.store.clone();
         let delay = self.config.pod_termination;
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
@@ -979,7 +978,7 @@ impl Machinery {
             .store
             .write(ids::PODS, &key, Expect::Version(o.rv), None)
         {
-            self.after_removal(ids::PODS, &gone);
+            self.after_removal(&gone);
         }
     }
 
@@ -1011,7 +1010,7 @@ impl Machinery {
                 .store
                 .write(ids::NAMESPACES, &key, Expect::Version(o.rv), None)
         {
-            self.after_removal(ids::NAMESPACES, &gone);
+            self.after_removal(&gone);
         }
     }
 
@@ -1042,7 +1041,7 @@ impl Machinery {
     /// Garbage collection after an object is gone: dependents whose owners
     /// are all gone are deleted (background), and owners waiting in
     /// foreground deletion for this dependent are finished.
-    fn after_removal(&self, _res: ResourceId, gone: &Arc<Obj>) {
+    fn after_removal(&self, gone: &Arc<Obj>) {
         for (dres, dep) in self.store.dependents(&gone.uid) {
             let alive_owner = dep
                 .owners
@@ -1086,7 +1085,7 @@ impl Machinery {
                 .store
                 .write(res, &o.key, Expect::Version(o.rv), Some(v));
         } else if let Ok(gone) = self.store.write(res, &o.key, Expect::Version(o.rv), None) {
-            self.after_removal(res, &gone);
+            self.after_removal(&gone);
         }
     }
 
@@ -1121,7 +1120,7 @@ impl Machinery {
 
     /// The `scale` view of an object.
     pub fn get_scale(&self, res: ResourceId, ns: Option<&str>, name: &str) -> Result<Value> {
-        Ok(scale_of(Self::rt(res), &self.get(res, ns, name)?))
+        Ok(scale_of(&self.get(res, ns, name)?))
     }
 }
 
@@ -1246,13 +1245,12 @@ fn conflict_error(rt: &ResourceType, name: &str, conflicts: &[fields::Conflict])
 }
 
 /// Builds the `autoscaling/v1` Scale of an object with `spec.replicas`.
-pub fn scale_of(rt: &ResourceType, obj: &Value) -> Value {
+pub fn scale_of(obj: &Value) -> Value {
     let m = &obj["metadata"];
     let selector = obj
         .pointer("/spec/selector")
         .map(selector_string)
         .unwrap_or_default();
-    let _ = rt;
     json!({
         "kind": "Scale",
         "apiVersion": "autoscaling/v1",

@@ -128,6 +128,29 @@ async fn crud_with_defaults_generation_and_status_separation() {
 }
 
 #[tokio::test]
+async fn the_written_kubeconfig_works_for_kube_rs() {
+    let (sim, _) = sim().await;
+    let kc = kube::config::Kubeconfig::from_yaml(&sim.kubeconfig_yaml()).unwrap();
+    let config = Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(config.default_namespace, "default");
+    let client = Client::try_from(config).unwrap();
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let zones: Vec<String> = nodes
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|n| n.metadata.labels.unwrap()["topology.kubernetes.io/zone"].clone())
+        .collect();
+    assert_eq!(zones, ["a", "b", "c"]);
+    let v = client.apiserver_version().await.unwrap();
+    assert_eq!(v.major, "1");
+}
+
+#[tokio::test]
 async fn generate_name_and_missing_namespace() {
     let (_sim, client) = sim().await;
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
