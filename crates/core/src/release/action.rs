@@ -189,7 +189,9 @@ pub enum Outcome {
 pub enum Command {
     /// Take instances out of traffic and keep them out (drain included):
     /// an instance held offline does not go ONLINE again, even if it
-    /// restarts, until [`Command::BringOnline`].
+    /// restarts, until [`Command::BringOnline`] or until a command starts
+    /// it anew (`StopAndReplace`, `StartNew`, `Recreate`, or on Kubernetes a
+    /// `ScaleTrack`/`RollTrack` of that track and version).
     TakeOffline {
         /// Which instances.
         instances: Instances,
@@ -206,6 +208,8 @@ pub enum Command {
         instance: InstanceId,
         /// The version to start.
         version: Version,
+        /// Tags the new process; its events carry it back.
+        generation: u64,
     },
     /// Hosts: start `version` as a new instance (the idle track of a slot).
     StartNew {
@@ -213,6 +217,8 @@ pub enum Command {
         instance: InstanceId,
         /// The version to start.
         version: Version,
+        /// Tags the new process; its events carry it back.
+        generation: u64,
     },
     /// Hosts: stop instances for good (the old track after dual-deployment).
     Stop {
@@ -227,6 +233,8 @@ pub enum Command {
         instance: InstanceId,
         /// The version it should run.
         version: Version,
+        /// Hosts: tags the new process; its events carry it back.
+        generation: u64,
     },
     /// Kubernetes: render `track` with `version` and set its replicas
     /// (through the scale subresource).
@@ -239,7 +247,7 @@ pub enum Command {
         replicas: u32,
     },
     /// Kubernetes: update `track` to `version` with the Deployment's own
-    /// rolling update (`maxSurge: 0`, `maxUnavailable`).
+    /// rolling update (`maxSurge: 0`, `maxUnavailable`), unpausing it.
     RollTrack {
         /// The track.
         track: Track,
@@ -338,10 +346,11 @@ pub struct InstanceEvent {
     pub track: Track,
     /// The version it runs.
     pub version: Version,
-    /// Hosts: the attempt that started it (from the action's step id), so a
-    /// late event about an earlier attempt is recognised; `None` when the
-    /// runtime cannot tell (Kubernetes names every attempt differently).
-    pub attempt: Option<u32>,
+    /// Hosts: the `generation` of the command that started this process
+    /// (`None` for a process started before the release), so that late
+    /// news about a process since replaced, recreated or stopped is
+    /// recognised. Kubernetes names every pod anew and leaves it `None`.
+    pub generation: Option<u64>,
     /// What happened.
     pub change: InstanceChange,
 }

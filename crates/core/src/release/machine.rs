@@ -167,6 +167,9 @@ pub struct Release {
     pub deadline: Option<Timestamp>,
     /// Kubernetes: pods deleted by a recreate; later news of them is stale.
     pub retired: BTreeSet<InstanceId>,
+    /// The last generation given to a started process.
+    #[serde(default)]
+    pub generations: u64,
 }
 
 /// What one input did.
@@ -207,6 +210,7 @@ impl Release {
             pending: Vec::new(),
             deadline: None,
             retired: BTreeSet::new(),
+            generations: 0,
         })
     }
 
@@ -227,6 +231,11 @@ impl Release {
             self.pending.push(action.clone());
         }
         out.push(action);
+    }
+
+    fn next_generation(&mut self) -> u64 {
+        self.generations += 1;
+        self.generations
     }
 
     fn tolerated(&self) -> u32 {
@@ -430,7 +439,14 @@ fn drive(r: &mut Release, now: Timestamp, out: &mut Vec<Action>) {
                     continue;
                 }
                 if r.deadline.is_some_and(|d| now >= d) {
-                    time_out(r, at);
+                    if !time_out(r, at) {
+                        let reason = format!(
+                            "no progress within the progress deadline of {}",
+                            r.settings.progress_deadline
+                        );
+                        fail(r, reason, out);
+                        return;
+                    }
                     r.deadline = Some(deadline_after(now, &r.settings));
                     continue;
                 }
@@ -470,7 +486,7 @@ fn drive(r: &mut Release, now: Timestamp, out: &mut Vec<Action>) {
                 return;
             }
             Status::RollingBack => {
-                if !r.pending.is_empty() {
+                if !r.pending.is_empty() || !settled(r) {
                     return;
                 }
                 match plan(&r.fleet, r.desired, &r.from, &r.settings) {
@@ -536,19 +552,38 @@ fn enter_stage(r: &mut Release, at: Cursor, now: Timestamp, out: &mut Vec<Action
                 out,
             );
         }
+        Stage::BringOnline { instances } => {
+            let id = id(r, "bring-online");
+            r.issue(
+                id,
+                Command::BringOnline {
+                    instances: Instances::Listed(instances),
+                },
+                out,
+            );
+        }
         Stage::Replace { instances } | Stage::StartNew { instances } => {
             let replace = matches!(
                 r.plan.batches[at.batch as usize].stages[at.stage as usize],
                 Stage::Replace { .. }
             );
             for instance in instances {
-                start_record(r, &instance);
+                let generation = r.next_generation();
+                start_record(r, &instance, generation);
                 let id = id(r, &instance.0);
                 let version = version.clone();
                 let command = if replace {
-                    Command::StopAndReplace { instance, version }
+                    Command::StopAndReplace {
+                        instance,
+                        version,
+                        generation,
+                    }
                 } else {
-                    Command::StartNew { instance, version }
+                    Command::StartNew {
+                        instance,
+                        version,
+                        generation,
+                    }
                 };
                 r.issue(id, command, out);
             }
@@ -562,6 +597,7 @@ fn enter_stage(r: &mut Release, at: Cursor, now: Timestamp, out: &mut Vec<Action
             version,
             replicas,
         } => {
+            r.deadline = Some(deadline_after(now, &r.settings));
             let id = id(r, &format!("scale-{track}"));
             r.issue(
                 id,
@@ -623,10 +659,11 @@ fn enter_stage(r: &mut Release, at: Cursor, now: Timestamp, out: &mut Vec<Action
     }
 }
 
-fn start_record(r: &mut Release, instance: &InstanceId) {
+fn start_record(r: &mut Release, instance: &InstanceId, generation: u64) {
     if let Some(o) = r.outcomes.iter_mut().find(|o| o.instance == *instance) {
         o.state = OutcomeState::Starting;
         o.attempts = o.attempts.max(1);
+        o.generation = Some(generation);
     }
 }
 
@@ -654,18 +691,57 @@ fn stage_satisfied(r: &Release, at: Cursor) -> bool {
         }),
         Stage::WaitOnline {
             awaited: Awaited::Track { track, online },
-        } => online_pods(r, *track) + r.tolerated() >= *online,
+        } => {
+            let last = at.batch as usize + 1 == r.plan.batches.len();
+            // A rollout is done when no pod of another version is left.
+            let old_left = r.plan.strategy == Strategy::Rolling
+                && last
+                && match &r.fleet {
+                    Fleet::Kubernetes { pods, .. } => pods
+                        .values()
+                        .any(|p| p.track == *track && p.version != r.plan.version),
+                    Fleet::Hosts { .. } => false,
+                };
+            !old_left && online_pods(r, *track) + r.tolerated() >= *online
+        }
+        // A scale-down is done once its pods are seen gone, so that the
+        // next count of ONLINE pods does not include pods being deleted.
+        Stage::ScaleTrack {
+            track, replicas, ..
+        } => pods_on(r, *track) <= *replicas,
         _ => true,
     }
 }
 
+fn pods_on(r: &Release, track: super::action::Track) -> u32 {
+    match &r.fleet {
+        Fleet::Kubernetes { pods, .. } => pods.values().filter(|p| p.track == track).count() as u32,
+        Fleet::Hosts { .. } => 0,
+    }
+}
+
+/// Whether every track has no more pods than its replicas in the view.
+fn settled(r: &Release) -> bool {
+    match &r.fleet {
+        Fleet::Kubernetes { tracks, .. } => {
+            tracks.iter().all(|t| pods_on(r, t.track) <= t.replicas)
+        }
+        Fleet::Hosts { .. } => true,
+    }
+}
+
 /// The stage made no progress for the deadline: its missing instances fail.
-fn time_out(r: &mut Release, at: Cursor) {
+/// Returns false when there was no instance to blame (a rollout that does
+/// not move): then the release fails.
+fn time_out(r: &mut Release, at: Cursor) -> bool {
     let error = format!(
         "not ONLINE within the progress deadline of {}",
         r.settings.progress_deadline
     );
     let stage = r.plan.batches[at.batch as usize].stages[at.stage as usize].clone();
+    if !matches!(stage, Stage::WaitOnline { .. }) {
+        return false;
+    }
     let mut missing = match &stage {
         Stage::WaitOnline {
             awaited: Awaited::Track { track, online },
@@ -678,6 +754,7 @@ fn time_out(r: &mut Release, at: Cursor) {
         } => Some(ids.clone()),
         _ => None,
     };
+    let mut blamed = false;
     for o in r.outcomes.iter_mut() {
         if missing == 0 {
             break;
@@ -690,8 +767,10 @@ fn time_out(r: &mut Release, at: Cursor) {
             o.state = OutcomeState::Failed;
             o.last_error = Some(error.clone());
             missing -= 1;
+            blamed = true;
         }
     }
+    blamed
 }
 
 /// Decides every failed instance. Returns false when the release failed.
@@ -724,18 +803,44 @@ fn apply_policy(r: &mut Release, at: Cursor, now: Timestamp, out: &mut Vec<Actio
                     }
                     let id = r.step_id(r.phase, batch, at.stage, &instance.0, attempt);
                     let version = r.plan.version.clone();
+                    let generation = r.next_generation();
+                    r.outcomes[i].generation = Some(generation);
                     r.issue(
                         id,
                         Command::Recreate {
                             instance: target,
                             version,
+                            generation,
                         },
                         out,
                     );
                 }
                 r.deadline = r.deadline.map(|_| deadline_after(now, &r.settings));
             }
-            PolicyDecision::Tolerate => r.outcomes[i].state = OutcomeState::Tolerated,
+            PolicyDecision::Tolerate => {
+                r.outcomes[i].state = OutcomeState::Tolerated;
+                // A failed pod counts as unavailable and would stall the
+                // Deployment's rollout; a tolerated one gets room of its own.
+                if let (Strategy::Rolling, Some(track), true) =
+                    (r.plan.strategy, r.plan.target_track, kubernetes)
+                {
+                    let tolerated = r.tolerated();
+                    let id = r.step_id(
+                        r.phase,
+                        at.batch,
+                        at.stage,
+                        &format!("roll-{track}"),
+                        1 + tolerated,
+                    );
+                    let command = Command::RollTrack {
+                        track,
+                        version: r.plan.version.clone(),
+                        replicas: r.plan.desired,
+                        max_unavailable: r.plan.max_batch() + tolerated,
+                    };
+                    r.issue(id, command, out);
+                }
+            }
             PolicyDecision::FailRelease { reason } => {
                 r.outcomes[i].state = OutcomeState::Fatal;
                 fail(r, reason, out);
@@ -760,16 +865,26 @@ fn observe(r: &mut Release, event: &InstanceEvent, now: Timestamp) {
     let record = match &mut r.fleet {
         Fleet::Hosts { instances } => {
             let record = r.outcomes.iter().position(|o| o.instance == event.instance);
-            if let (Some(i), Some(attempt)) = (record, event.attempt)
-                && r.outcomes[i].attempts > attempt
-            {
-                return; // about an earlier attempt
+            if record.is_some_and(|i| event.generation < r.outcomes[i].generation) {
+                return; // about a process a start in flight replaces
             }
             let state = state.unwrap_or(InstanceState::Stopped);
             match instances.iter_mut().find(|i| i.id == event.instance) {
                 Some(i) => {
+                    // News of an earlier process (replaced, recreated), or
+                    // of a process since stopped, is stale. `None` (started
+                    // before the release) is older than any generation.
+                    if event.generation < i.generation
+                        || (i.state == InstanceState::Stopped && event.generation <= i.generation)
+                    {
+                        return;
+                    }
+                    i.generation = event.generation;
                     i.version = event.version.clone();
-                    i.state = state;
+                    i.state = match state {
+                        InstanceState::Online if i.held => InstanceState::Offline,
+                        state => state,
+                    };
                 }
                 None => {
                     let slot = event
@@ -783,23 +898,34 @@ fn observe(r: &mut Release, event: &InstanceEvent, now: Timestamp) {
                         track: event.track,
                         version: event.version.clone(),
                         state,
+                        held: false,
+                        generation: event.generation,
                     });
                 }
             }
             record.filter(|_| event.version == version)
         }
-        Fleet::Kubernetes { pods, .. } => {
+        Fleet::Kubernetes { pods, tracks } => {
             if r.retired.contains(&event.instance) {
                 return;
             }
             match state {
                 Some(state) => {
+                    let track_held = tracks
+                        .iter()
+                        .any(|t| t.track == event.track && t.held.as_ref() == Some(&event.version));
+                    let held = track_held || pods.get(&event.instance).is_some_and(|p| p.held);
+                    let state = match state {
+                        InstanceState::Online if held => InstanceState::Offline,
+                        state => state,
+                    };
                     pods.insert(
                         event.instance.clone(),
                         PodState {
                             track: event.track,
                             version: event.version.clone(),
                             state,
+                            held,
                         },
                     );
                 }
@@ -890,6 +1016,7 @@ fn apply_done(r: &mut Release, command: &Command) {
                 Command::TakeOffline {
                     instances: Instances::Listed(ids),
                 } => set(ids, &|i| {
+                    i.held = true;
                     if matches!(i.state, InstanceState::Online | InstanceState::Starting) {
                         i.state = InstanceState::Offline;
                     }
@@ -897,43 +1024,63 @@ fn apply_done(r: &mut Release, command: &Command) {
                 Command::BringOnline {
                     instances: Instances::Listed(ids),
                 } => set(ids, &|i| {
+                    i.held = false;
                     if i.state == InstanceState::Offline {
                         i.state = InstanceState::Starting;
                     }
                 }),
-                Command::StopAndReplace { instance, version }
-                | Command::Recreate { instance, version } => {
-                    set(std::slice::from_ref(instance), &|i| {
+                Command::StopAndReplace {
+                    instance,
+                    version,
+                    generation,
+                }
+                | Command::Recreate {
+                    instance,
+                    version,
+                    generation,
+                } => set(std::slice::from_ref(instance), &|i| {
+                    // The new process may have reported already.
+                    if i.generation < Some(*generation) {
+                        i.generation = Some(*generation);
                         i.version = version.clone();
                         i.state = InstanceState::Starting;
-                    })
-                }
-                Command::StartNew { instance, version } => {
-                    match instances.iter_mut().find(|i| i.id == *instance) {
-                        Some(i) => {
+                        i.held = false;
+                    }
+                }),
+                Command::StartNew {
+                    instance,
+                    version,
+                    generation,
+                } => match instances.iter_mut().find(|i| i.id == *instance) {
+                    Some(i) => {
+                        if i.generation < Some(*generation) {
+                            i.generation = Some(*generation);
                             i.version = version.clone();
                             i.state = InstanceState::Starting;
-                        }
-                        None => {
-                            let (slot, track) = instance
-                                .0
-                                .rsplit_once('@')
-                                .map_or((instance.0.as_str(), "blue"), |(s, t)| (s, t));
-                            let track = if track == "green" {
-                                super::action::Track::Green
-                            } else {
-                                super::action::Track::Blue
-                            };
-                            instances.push(HostInstance {
-                                id: instance.clone(),
-                                slot: slot.to_string(),
-                                track,
-                                version: version.clone(),
-                                state: InstanceState::Starting,
-                            });
+                            i.held = false;
                         }
                     }
-                }
+                    None => {
+                        let (slot, track) = instance
+                            .0
+                            .rsplit_once('@')
+                            .map_or((instance.0.as_str(), "blue"), |(s, t)| (s, t));
+                        let track = if track == "green" {
+                            super::action::Track::Green
+                        } else {
+                            super::action::Track::Blue
+                        };
+                        instances.push(HostInstance {
+                            id: instance.clone(),
+                            slot: slot.to_string(),
+                            track,
+                            version: version.clone(),
+                            state: InstanceState::Starting,
+                            held: false,
+                            generation: Some(*generation),
+                        });
+                    }
+                },
                 Command::Stop { instances: ids } => set(ids, &|i| i.state = InstanceState::Stopped),
                 _ => {}
             }
@@ -953,12 +1100,20 @@ fn apply_done(r: &mut Release, command: &Command) {
                 if let Some(t) = tracks.iter_mut().find(|t| t.track == *track) {
                     t.version = Some(version.clone());
                     t.replicas = *replicas;
+                    if t.held.as_ref() == Some(version) {
+                        t.held = None;
+                    }
                 }
             }
             Command::Recreate { instance, .. } => {
                 pods.remove(instance);
             }
             Command::TakeOffline { instances } => {
+                if let Instances::Track { track, version } = instances
+                    && let Some(t) = tracks.iter_mut().find(|t| t.track == *track)
+                {
+                    t.held = Some(version.clone());
+                }
                 for (name, pod) in pods.iter_mut() {
                     let chosen = match instances {
                         Instances::Listed(ids) => ids.contains(name),
@@ -966,8 +1121,11 @@ fn apply_done(r: &mut Release, command: &Command) {
                             pod.track == *track && pod.version == *version
                         }
                     };
-                    if chosen && pod.state == InstanceState::Online {
-                        pod.state = InstanceState::Offline;
+                    if chosen {
+                        pod.held = true;
+                        if pod.state == InstanceState::Online {
+                            pod.state = InstanceState::Offline;
+                        }
                     }
                 }
             }
@@ -1073,7 +1231,11 @@ fn abort_actions(r: &Release, keep_online: bool, at: Option<Cursor>) -> Vec<(Ste
                     ));
                 }
             }
-            if let (false, Some(track), false) = (keep_online, target, started.is_empty()) {
+            // Any pod of the version on the target track is an aborted one.
+            let touched = target.is_some_and(|t| {
+                r.fleet.track(t).and_then(|t| t.version.as_ref()) == Some(&r.plan.version)
+            });
+            if let (false, Some(track), true) = (keep_online, target, touched) {
                 actions.push((
                     id(actions.len(), "take-offline"),
                     Command::TakeOffline {

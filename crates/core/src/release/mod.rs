@@ -40,7 +40,10 @@
 //!   [`Event::Done`] (or [`Event::ActionFailed`]) under its [`StepId`];
 //! - `TakeOffline` holds an instance out of traffic, across restarts, until
 //!   `BringOnline`;
-//! - hosts report the attempt in [`InstanceEvent::attempt`];
+//! - events about one instance arrive in the order they happened (a
+//!   completion may overtake them or lag behind);
+//! - hosts report the generation of the start command in
+//!   [`InstanceEvent::generation`];
 //! - the engine delivers [`Event::Tick`] at the times named by `WaitOnline`
 //!   and `PauseUntil`, and after a restart re-applies `release.pending`.
 

@@ -14,7 +14,9 @@
 //! fresh release); there are never more batches than instances. The plan
 //! also states the capacity floor it keeps: with `c` instances online at the
 //! start, `d` desired and the largest batch `k`, in-place and rolling never
-//! go below `min(c, d) - k` online, dual-deployment never below `min(c, d)`.
+//! go below `min(c, d) - k` online, dual-deployment never below `min(c, d)`
+//! (for a fresh release with all `d` online: `d - k` and `d`). Instances
+//! that fail on their own are not the plan's doing and come on top.
 
 use std::collections::BTreeMap;
 
@@ -90,6 +92,13 @@ pub struct HostInstance {
     pub version: Version,
     /// Its state.
     pub state: InstanceState,
+    /// Held out of traffic by a `TakeOffline` (until a `BringOnline` or a
+    /// fresh start): news that it is ONLINE cannot be true.
+    #[serde(default)]
+    pub held: bool,
+    /// The generation of the process last started here by the release.
+    #[serde(default)]
+    pub generation: Option<u64>,
 }
 
 impl HostInstance {
@@ -106,6 +115,8 @@ impl HostInstance {
             track,
             version: version.clone(),
             state: InstanceState::Online,
+            held: false,
+            generation: None,
         }
     }
 }
@@ -119,6 +130,9 @@ pub struct TrackState {
     pub version: Option<Version>,
     /// Its replicas.
     pub replicas: u32,
+    /// Pods of this version on this track are held out of traffic.
+    #[serde(default)]
+    pub held: Option<Version>,
 }
 
 /// A pod as the machine knows it from events.
@@ -130,6 +144,9 @@ pub struct PodState {
     pub version: Version,
     /// Its state.
     pub state: InstanceState,
+    /// Held out of traffic by a `TakeOffline` of this pod.
+    #[serde(default)]
+    pub held: bool,
 }
 
 /// The instances of an app in an environment, as one runtime sees them.
@@ -168,6 +185,7 @@ impl Fleet {
             track: t,
             version: (t == active).then(|| version.clone()),
             replicas: if t == active { replicas } else { 0 },
+            held: None,
         };
         Self::Kubernetes {
             tracks: [track(Track::Blue), track(Track::Green)],
@@ -223,6 +241,11 @@ pub enum Awaited {
 pub enum Stage {
     /// Take these (old) instances out of traffic.
     TakeOffline {
+        /// The instances.
+        instances: Vec<InstanceId>,
+    },
+    /// Put these instances back into traffic.
+    BringOnline {
         /// The instances.
         instances: Vec<InstanceId>,
     },
@@ -384,7 +407,9 @@ pub fn plan(
     }
     match fleet {
         Fleet::Hosts { instances } => plan_hosts(instances, desired, version, settings),
-        Fleet::Kubernetes { tracks, .. } => plan_kubernetes(tracks, desired, version, settings),
+        Fleet::Kubernetes { tracks, .. } => {
+            plan_kubernetes(tracks, fleet.online(), desired, version, settings)
+        }
     }
 }
 
@@ -409,14 +434,28 @@ fn plan_hosts(
     let dual = settings.strategy == Strategy::DualDeployment;
     // Per slot that changes: (the instance to bring up, the old one to retire).
     let mut changes: Vec<(InstanceId, Option<InstanceId>)> = Vec::new();
+    // Slots that run the version already: other live instances there (left
+    // by an aborted dual-deployment batch) are stopped at the end, and a
+    // held-offline instance of the version goes back into traffic.
+    let (mut strays, mut held) = (Vec::new(), Vec::new());
     for slot in &slots {
         let of_slot: Vec<&HostInstance> = instances.iter().filter(|i| i.slot == *slot).collect();
         let live = |i: &&&HostInstance| i.state != InstanceState::Stopped;
-        if of_slot
+        if let Some(good) = of_slot
             .iter()
             .filter(live)
-            .any(|i| i.version == *version && i.state != InstanceState::Failed)
+            .find(|i| i.version == *version && i.state != InstanceState::Failed)
         {
+            if good.state == InstanceState::Offline {
+                held.push(good.id.clone());
+            }
+            strays.extend(
+                of_slot
+                    .iter()
+                    .filter(live)
+                    .filter(|i| i.id != good.id)
+                    .map(|i| i.id.clone()),
+            );
             continue;
         }
         let current = of_slot
@@ -471,9 +510,35 @@ fn plan_hosts(
             old_track_before: None,
         });
     }
-    let online = instances
+    let mut cleanup = Vec::new();
+    if !held.is_empty() {
+        cleanup.push(Stage::BringOnline { instances: held });
+    }
+    if !strays.is_empty() {
+        cleanup.push(Stage::TakeOffline {
+            instances: strays.clone(),
+        });
+        cleanup.push(Stage::Stop { instances: strays });
+    }
+    if !cleanup.is_empty() {
+        match batches.last_mut() {
+            Some(last) => last.stages.extend(cleanup),
+            None => batches.push(BatchPlan {
+                size: 0,
+                instances: Vec::new(),
+                stages: cleanup,
+                old_track_before: None,
+            }),
+        }
+    }
+    // A slot with an ONLINE instance counts once.
+    let online = slots
         .iter()
-        .filter(|i| i.state == InstanceState::Online)
+        .filter(|slot| {
+            instances
+                .iter()
+                .any(|i| i.slot == **slot && i.state == InstanceState::Online)
+        })
         .count() as u32;
     let base = online.min(desired);
     let k = sizes.iter().copied().max().unwrap_or(0);
@@ -489,6 +554,7 @@ fn plan_hosts(
 
 fn plan_kubernetes(
     tracks: &[TrackState; 2],
+    online: u32,
     desired: u32,
     version: &Version,
     settings: &ReleaseSettings,
@@ -496,7 +562,7 @@ fn plan_kubernetes(
     let (blue, green) = (&tracks[0], &tracks[1]);
     let runs = |t: &TrackState| t.version.as_ref() == Some(version) && t.replicas > 0;
     if settings.strategy == Strategy::Rolling {
-        return Ok(plan_rolling(tracks, desired, version, settings));
+        return Ok(plan_rolling(tracks, online, desired, version, settings));
     }
     // The target track: the one already running the version (a rollback or
     // a resumed release), else the idle one.
@@ -588,7 +654,7 @@ fn plan_kubernetes(
             old_track_before: None,
         });
     }
-    let base = (r + n0).min(desired);
+    let base = online.min(desired);
     let k = sizes.iter().copied().max().unwrap_or(0);
     Ok(ReleasePlan {
         strategy: settings.strategy,
@@ -604,6 +670,7 @@ fn plan_kubernetes(
 /// new pods, with the rollout paused between them when the release pauses.
 fn plan_rolling(
     tracks: &[TrackState; 2],
+    online: u32,
     desired: u32,
     version: &Version,
     settings: &ReleaseSettings,
@@ -652,7 +719,7 @@ fn plan_rolling(
         strategy: Strategy::Rolling,
         version: version.clone(),
         desired,
-        floor: track.replicas.min(desired).saturating_sub(k),
+        floor: online.min(desired).saturating_sub(k),
         target_track: Some(track.track),
         batches,
     }

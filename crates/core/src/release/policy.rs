@@ -98,6 +98,10 @@ pub struct InstanceOutcome {
     pub last_error: Option<String>,
     /// Where it stands.
     pub state: OutcomeState,
+    /// Hosts: the generation of the last start issued for it; news of an
+    /// earlier process is stale even before that start is confirmed.
+    #[serde(default)]
+    pub generation: Option<u64>,
 }
 
 impl InstanceOutcome {
@@ -110,6 +114,7 @@ impl InstanceOutcome {
             attempts: 0,
             last_error: None,
             state: OutcomeState::Waiting,
+            generation: None,
         }
     }
 }
@@ -181,6 +186,7 @@ mod tests {
             attempts,
             last_error: Some("image pull timed out".into()),
             state: OutcomeState::Failed,
+            generation: Some(1),
         }
     }
 
