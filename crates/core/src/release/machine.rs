@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::action::{
     Action, Command, Event, Input, InstanceChange, InstanceEvent, InstanceId, Instances, Outcome,
-    Phase, StepId, Timestamp, Version,
+    Phase, StepId, Timestamp, Track, Version,
 };
 use super::plan::{
     Awaited, Fleet, HostInstance, InstanceState, PlanError, PodState, ReleasePlan, ReleaseSettings,
@@ -667,7 +667,7 @@ fn start_record(r: &mut Release, instance: &InstanceId, generation: u64) {
     }
 }
 
-fn online_pods(r: &Release, track: super::action::Track) -> u32 {
+fn online_pods(r: &Release, track: Track) -> u32 {
     match &r.fleet {
         Fleet::Kubernetes { pods, .. } => pods
             .values()
@@ -713,7 +713,7 @@ fn stage_satisfied(r: &Release, at: Cursor) -> bool {
     }
 }
 
-fn pods_on(r: &Release, track: super::action::Track) -> u32 {
+fn pods_on(r: &Release, track: Track) -> u32 {
     match &r.fleet {
         Fleet::Kubernetes { pods, .. } => pods.values().filter(|p| p.track == track).count() as u32,
         Fleet::Hosts { .. } => 0,
@@ -887,11 +887,7 @@ fn observe(r: &mut Release, event: &InstanceEvent, now: Timestamp) {
                     };
                 }
                 None => {
-                    let slot = event
-                        .instance
-                        .0
-                        .rsplit_once('@')
-                        .map_or(event.instance.0.as_str(), |(slot, _)| slot);
+                    let (slot, _) = HostInstance::slot_and_track(&event.instance);
                     instances.push(HostInstance {
                         id: event.instance.clone(),
                         slot: slot.to_string(),
@@ -1061,15 +1057,7 @@ fn apply_done(r: &mut Release, command: &Command) {
                         }
                     }
                     None => {
-                        let (slot, track) = instance
-                            .0
-                            .rsplit_once('@')
-                            .map_or((instance.0.as_str(), "blue"), |(s, t)| (s, t));
-                        let track = if track == "green" {
-                            super::action::Track::Green
-                        } else {
-                            super::action::Track::Blue
-                        };
+                        let (slot, track) = HostInstance::slot_and_track(instance);
                         instances.push(HostInstance {
                             id: instance.clone(),
                             slot: slot.to_string(),

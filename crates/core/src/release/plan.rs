@@ -107,6 +107,16 @@ impl HostInstance {
         InstanceId(format!("{slot}@{track}"))
     }
 
+    /// The slot and track an id names (`<slot>@<track>`; blue when the
+    /// track is missing).
+    pub fn slot_and_track(id: &InstanceId) -> (&str, Track) {
+        match id.0.rsplit_once('@') {
+            Some((slot, "green")) => (slot, Track::Green),
+            Some((slot, _)) => (slot, Track::Blue),
+            None => (id.0.as_str(), Track::Blue),
+        }
+    }
+
     /// An ONLINE instance on `track` of `slot`.
     pub fn online(slot: &str, track: Track, version: &Version) -> Self {
         Self {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::action::{InstanceId, Track, Version};
 use super::machine::{Release, Status};
 use super::plan::{Fleet, InstanceState};
-use super::policy::InstanceOutcome;
+use super::policy::{InstanceOutcome, OutcomeState};
 
 /// One instance as it stands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,7 +135,7 @@ pub fn summarize(release: &Release) -> Summary {
         _ => release
             .outcomes
             .iter()
-            .filter(|o| o.state != super::policy::OutcomeState::Waiting)
+            .filter(|o| o.state != OutcomeState::Waiting)
             .map(|o| o.batch)
             .max()
             .unwrap_or(0),
