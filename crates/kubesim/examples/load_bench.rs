@@ -2,7 +2,8 @@
 //! JSON line: `{namespaces, pods, load_seconds, rss_mib, list_one_app_ms,
 //! bytes_per_pod, stored_bytes_per_pod}`: a pod's JSON size and what the
 //! store keeps for it (compressed). `list_one_app_ms` is the median time for kube-rs to list
-//! one app's pods by label selector across all namespaces over HTTP.
+//! one app's pods by label selector across all namespaces over HTTP
+//! (`list_one_app_store_ms`: the same selection in-process, without HTTP).
 //!
 //! `cargo run --release -p kubesim --example load_bench -- [--smoke]`
 //! (full: 10,000 namespaces and 100,000 pods; smoke: 100 and 1,000;
@@ -188,6 +189,21 @@ async fn main() -> anyhow::Result<()> {
         times.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     times.sort_by(f64::total_cmp);
+    // The same selection inside the process: the store's share of the time.
+    let q = kubesim::machinery::ListOptions {
+        labels: kubesim::selectors::LabelSelector::parse(
+            "app.kubernetes.io/name=app-0007,keelson.dev/traffic=online",
+        )?,
+        ..Default::default()
+    };
+    let mut store_times = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let n = m.list(ids::PODS, None, &q)?.items.len();
+        store_times.push(t.elapsed().as_secs_f64() * 1000.0);
+        anyhow::ensure!(n == found, "in-process list found {n}, HTTP {found}");
+    }
+    store_times.sort_by(f64::total_cmp);
     let expected = (0..pods).filter(|i| i % APPS == 7).count();
     anyhow::ensure!(
         found == expected,
@@ -203,6 +219,7 @@ async fn main() -> anyhow::Result<()> {
             "rss_base_mib": base_rss.round(),
             "list_one_app_ms": (times[times.len() / 2] * 100.0).round() / 100.0,
             "list_one_app_pods": found,
+            "list_one_app_store_ms": (store_times[store_times.len() / 2] * 100.0).round() / 100.0,
             "bytes_per_pod": bytes / pods.min(1000),
             "stored_bytes_per_pod": stored / pods.max(1),
         })

@@ -956,21 +956,34 @@ async fn injected_errors_latency_and_request_counts() {
     sim.faults().clear();
 
     // The same over HTTP for out-of-process users.
-    let body = reqwest_like_get(&sim.base_url(), "/kubesim/metrics").await;
+    let body = raw_http(&sim.base_url(), "GET", "/kubesim/metrics", "").await;
     assert!(body.contains("\"resource\":\"pods\""), "{body}");
+    let body = raw_http(
+        &sim.base_url(),
+        "POST",
+        "/kubesim/faults",
+        r#"{"resource": "secrets", "verb": "get", "status": 500, "times": 1}"#,
+    )
+    .await;
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), "default");
+    assert_eq!(api_status(secrets.get("s").await.unwrap_err()).code, 500);
+    assert_eq!(api_status(secrets.get("s").await.unwrap_err()).code, 404);
 }
 
-/// A minimal HTTP GET over a raw socket (tests need no HTTP client crate).
-async fn reqwest_like_get(base: &str, path: &str) -> String {
+/// One HTTP/1.1 request over a raw socket (tests need no HTTP client crate).
+async fn raw_http(base: &str, method: &str, path: &str, body: &str) -> String {
     let addr = base.trim_start_matches("http://").to_string();
-    let path = path.to_string();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
     tokio::task::spawn_blocking(move || {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(&addr).unwrap();
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .unwrap();
+        s.write_all(request.as_bytes()).unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         out
