@@ -40,6 +40,18 @@ use crate::process::AppProcess;
 /// How often the control loop and the watcher look at the world.
 const TICK: Duration = Duration::from_millis(50);
 
+/// How often the control loop looks for an app during the first
+/// [`STARTING_WINDOW`] of waiting for it: an app's start should be seen at once.
+const STARTING_TICK: Duration = Duration::from_millis(5);
+
+/// See [`STARTING_TICK`]; after it, waiting goes back to [`TICK`].
+const STARTING_WINDOW: Duration = Duration::from_secs(2);
+
+/// The first checkurl retries come this soon, doubling up to the interval:
+/// an app that is listening a few milliseconds after its exec should not
+/// wait a whole interval.
+const FIRST_RETRY: Duration = Duration::from_millis(10);
+
 /// How long the sidecar tries to revoke the lease when it stops.
 const REVOKE_DEADLINE: Duration = Duration::from_secs(15);
 
@@ -214,6 +226,7 @@ pub fn run(config: SidecarConfig, output: Output, stop: Arc<AtomicBool>) -> Resu
         next_check: Instant::now(),
         checks: 0,
         incarnations: 0,
+        phase_entered: Instant::now(),
     };
     sidecar.run_loop();
 
@@ -263,6 +276,8 @@ struct Sidecar {
     checks: u64,
     /// How many app processes this sidecar has seen start.
     incarnations: u64,
+    /// When the current phase began.
+    phase_entered: Instant,
 }
 
 impl Sidecar {
@@ -272,7 +287,21 @@ impl Sidecar {
             if self.step(&seen) {
                 return;
             }
-            std::thread::sleep(TICK);
+            std::thread::sleep(self.pause());
+        }
+    }
+
+    /// How long to sleep before the next pass: until the next checkurl
+    /// attempt when it is due sooner than a tick, briefly while an app is
+    /// expected, else a tick.
+    fn pause(&self) -> Duration {
+        match self.phase {
+            Phase::CheckingUrl => self
+                .next_check
+                .saturating_duration_since(Instant::now())
+                .clamp(Duration::from_millis(1), TICK),
+            Phase::WaitingForApp if self.phase_entered.elapsed() < STARTING_WINDOW => STARTING_TICK,
+            _ => TICK,
         }
     }
 
@@ -411,7 +440,8 @@ impl Sidecar {
                 );
             }
             self.last_status = Some(status);
-            self.next_check = Instant::now() + interval;
+            let shift = (self.checks.saturating_sub(1)).min(16) as u32;
+            self.next_check = Instant::now() + FIRST_RETRY.saturating_mul(1 << shift).min(interval);
             return;
         }
         self.output.event(
@@ -550,6 +580,7 @@ impl Sidecar {
         }
         let from = self.phase;
         self.phase = phase;
+        self.phase_entered = Instant::now();
         if let Ok(mut v) = self.shared.view.lock() {
             v.phase = phase;
             v.since = rfc3339_now();

@@ -308,12 +308,18 @@ fn parse_sse(text: &str) -> Vec<(u64, String)> {
     out
 }
 
-/// Agent events (`event` names) in log order.
+/// Agent events in log order: `event`, or `event:step` for hooks.
 fn event_names(lines: &[String]) -> Vec<String> {
     lines
         .iter()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter_map(|v| v["event"].as_str().map(str::to_string))
+        .filter_map(|v| {
+            let event = v["event"].as_str()?;
+            Some(match v["step"].as_str() {
+                Some(step) => format!("{event}:{step}"),
+                None => event.to_string(),
+            })
+        })
         .collect()
 }
 
@@ -408,17 +414,18 @@ fn deploy_start_stop_and_restart_in_lifecycle_order() {
         &[
             "supervisor_started",
             "sidecar_started",
-            "hook_started",
-            "hook_finished",
+            "hook_started:preStart",
+            "hook_finished:preStart",
             "exec",
-            "app_started",
             "checkurl_passed",
-            "hook_started",
-            "hook_finished",
+            "hook_started:preOnline",
+            "hook_finished:preOnline",
             "online",
         ],
         &ctx,
     );
+    // The sidecar follows the app from its preStart on, as in a pod.
+    assert_in_order(&names, &["app_started", "checkurl_passed"], &ctx);
     assert_in_order(
         &host.events(),
         &["hook:preStart", "app:start", "hook:preOnline"],
@@ -450,8 +457,8 @@ fn deploy_start_stop_and_restart_in_lifecycle_order() {
             "offline_requested",
             "healthcheck_removed",
             "draining",
-            "hook_started",
-            "hook_finished",
+            "hook_started:preOffline",
+            "hook_finished:preOffline",
             "offline",
             "offline_done",
             "app_signaled",
@@ -533,7 +540,7 @@ fn a_crashed_app_is_restarted_and_goes_online_only_through_checkurl_again() {
             "exec",
             "app_started",
             "checkurl_passed",
-            "hook_finished",
+            "hook_finished:preOnline",
             "online",
         ],
         &host.dump(),
