@@ -993,6 +993,54 @@ async fn raw_http(base: &str, method: &str, path: &str, body: &str) -> String {
 }
 
 #[tokio::test]
+async fn followed_logs_stream_new_lines_until_the_pod_goes() {
+    use futures_util::AsyncBufReadExt;
+    let (sim, client) = sim().await;
+    let pods: Api<Pod> = Api::namespaced(client, "default");
+    let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "app", "image": "x:1"}, {"name": "side", "image": "x:1"}]}})).unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    // Two containers: the container must be named.
+    let e = api_status(pods.logs("p", &LogParams::default()).await.unwrap_err());
+    assert_eq!(e.code, 400);
+    assert!(
+        e.message.contains("choose one of: [app side]"),
+        "{}",
+        e.message
+    );
+
+    sim.logs().append("default", "p", "app", "starting\n");
+    let lp = LogParams {
+        follow: true,
+        container: Some("app".into()),
+        ..Default::default()
+    };
+    let mut lines = pods.log_stream("p", &lp).await.unwrap().lines();
+    assert_eq!(
+        timeout(WAIT, lines.try_next())
+            .await
+            .unwrap()
+            .unwrap()
+            .as_deref(),
+        Some("starting")
+    );
+    sim.logs().append("default", "p", "app", "preOnline done\n");
+    assert_eq!(
+        timeout(WAIT, lines.try_next())
+            .await
+            .unwrap()
+            .unwrap()
+            .as_deref(),
+        Some("preOnline done")
+    );
+    pods.delete("p", &DeleteParams::default()).await.unwrap();
+    assert_eq!(
+        timeout(WAIT, lines.try_next()).await.unwrap().unwrap(),
+        None
+    );
+}
+
+#[tokio::test]
 async fn eviction_respects_disruption_budgets_and_logs_are_served() {
     let (sim, client) = sim().await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
