@@ -788,3 +788,176 @@ fn a_stored_release_resumes_exactly_where_it_was() {
     assert_eq!(sim.release.status, Status::Succeeded);
     assert!(checked > 10);
 }
+
+#[test]
+fn a_user_pause_during_an_automatic_pause_waits_for_resume() {
+    let r = hosts_release(2, Strategy::InPlace, 1, Pause::For(Duration::from_secs(30)));
+    let mut sim = Sim::new(r, World::hosts(2, &v("v1")), Vec::new());
+    sim.feed(Event::Start);
+    sim.settle();
+    sim.resolve_all(|_| false);
+    assert!(matches!(
+        sim.release.status,
+        Status::Pausing { next: 1, .. }
+    ));
+    sim.feed(Event::Pause);
+    // The automatic pause's end no longer moves it.
+    sim.advance(60_000);
+    assert!(matches!(
+        sim.release.status,
+        Status::Paused { reason: PauseReason::User, at } if at.batch == 1 && !at.entered
+    ));
+    let t = sim.feed(Event::Resume);
+    assert!(matches!(
+        commands(&t).as_slice(),
+        [Command::TakeOffline { .. }]
+    ));
+}
+
+#[test]
+fn aborting_during_an_automatic_pause_takes_the_new_batch_offline() {
+    let r = hosts_release(2, Strategy::InPlace, 1, Pause::For(Duration::from_secs(30)));
+    let mut sim = Sim::new(r, World::hosts(2, &v("v1")), Vec::new());
+    sim.feed(Event::Start);
+    sim.settle();
+    sim.resolve_all(|_| false);
+    let t = sim.feed(Event::Abort { keep_online: false });
+    assert_eq!(
+        commands(&t),
+        vec![Command::TakeOffline {
+            instances: Instances::Listed(ids(&["vm-0:0@blue"]))
+        }]
+    );
+    sim.settle();
+    assert_eq!(sim.release.status, Status::Aborted { keep_online: false });
+    assert_eq!(sim.world.online(), 1);
+    let s = summarize(&sim.release);
+    let traffic: Vec<_> = s
+        .instances
+        .iter()
+        .map(|i| (i.instance.0.as_str(), i.version.0.as_str(), i.traffic))
+        .collect();
+    assert_eq!(
+        traffic,
+        vec![("vm-0:0@blue", "v2", false), ("vm-1:0@blue", "v1", true)]
+    );
+}
+
+#[test]
+fn rollback_mid_release_finishes_the_step_in_flight_then_goes_back() {
+    let r = hosts_release(4, Strategy::InPlace, 2, Pause::Manual);
+    let mut sim = Sim::new(r, World::hosts(4, &v("v1")), Vec::new());
+    sim.feed(Event::Start);
+    // The first batch is taken offline; the replacements are issued.
+    let offline = sim.inbox.pop_back().unwrap();
+    sim.settle();
+    sim.feed(offline);
+    assert_eq!(sim.release.pending.len(), 2);
+    let t = sim.feed(Event::Rollback);
+    assert!(t.actions.is_empty());
+    assert_eq!(sim.release.status, Status::RollingBack);
+    sim.settle();
+    assert_eq!(sim.release.phase, Phase::Rollback);
+    // Only the two replaced slots go back.
+    assert_eq!(
+        sim.release.plan.batches.iter().map(|b| b.size).sum::<u32>(),
+        2
+    );
+    sim.resolve_all(|_| false);
+    sim.resolve_all(|_| false);
+    assert_eq!(sim.release.status, Status::RolledBack);
+    assert!(
+        sim.world
+            .running()
+            .iter()
+            .all(|(ver, on)| *ver == v("v1") && *on)
+    );
+    assert_eq!(summarize(&sim.release).phase, "rollback");
+}
+
+#[test]
+fn a_failed_release_can_be_rolled_back() {
+    let mut sim = kube_release(Strategy::DualDeployment, 4, 2, Pause::Manual);
+    sim.feed(Event::Start);
+    sim.settle();
+    sim.resolve_all(|id| id.0.ends_with("0001"));
+    assert!(matches!(sim.release.status, Status::Failed { .. }));
+    sim.feed(Event::Rollback);
+    sim.settle();
+    sim.resolve_all(|_| false);
+    assert_eq!(sim.release.status, Status::RolledBack);
+    assert_eq!(sim.world.track_replicas(Track::Blue), 4);
+    assert_eq!(sim.world.track_replicas(Track::Green), 0);
+    assert!(
+        sim.world
+            .running()
+            .iter()
+            .all(|(ver, on)| *ver == v("v1") && *on)
+    );
+}
+
+#[test]
+fn an_exited_instance_counts_as_failed() {
+    let r = waiting(FailedInstancePolicy::Fail);
+    let t = go(
+        &r,
+        Event::Instance(InstanceEvent {
+            instance: InstanceId("vm-0:0@blue".into()),
+            track: Track::Blue,
+            version: v("v2"),
+            generation: Some(1),
+            change: InstanceChange::Exited { code: Some(137) },
+        }),
+    );
+    let Status::Failed { reason } = &t.release.status else {
+        panic!("{:?}", t.release.status)
+    };
+    assert!(reason.contains("exited with code 137"), "{reason}");
+}
+
+#[test]
+fn news_of_a_replaced_process_does_not_undo_the_replacement() {
+    let r = waiting(FailedInstancePolicy::Fail);
+    // The old v1 process's last words arrive after its replacement started.
+    let t = go(
+        &r,
+        Event::Instance(InstanceEvent {
+            instance: InstanceId("vm-0:0@blue".into()),
+            track: Track::Blue,
+            version: v("v1"),
+            generation: None,
+            change: InstanceChange::Exited { code: Some(0) },
+        }),
+    );
+    assert_eq!(t.release, r);
+    // A stopped process does not come back either.
+    let hosts = |r: &Release| match &r.fleet {
+        Fleet::Hosts { instances } => instances.clone(),
+        _ => unreachable!(),
+    };
+    assert_eq!(hosts(&t.release)[0].version, v("v2"));
+}
+
+#[test]
+fn an_action_that_fails_while_aborting_does_not_stop_the_abort() {
+    let r = hosts_release(2, Strategy::InPlace, 2, Pause::Manual);
+    let t = go(&r, Event::Start);
+    let aborting = go(&t.release, Event::Abort { keep_online: false });
+    let t = go(
+        &aborting.release,
+        Event::ActionFailed {
+            step: t.actions[0].id.clone(),
+            error: "agent unreachable".into(),
+        },
+    );
+    // Nothing was replaced, so nothing new is taken offline; the old
+    // instances may have gone offline before the failure and come back.
+    assert_eq!(
+        commands(&t),
+        vec![Command::BringOnline {
+            instances: Instances::Listed(ids(&["vm-0:0@blue", "vm-1:0@blue"]))
+        }]
+    );
+    let t = chain(&t.release, done(&t));
+    assert_eq!(t.release.status, Status::Aborted { keep_online: false });
+}

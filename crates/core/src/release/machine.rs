@@ -1137,8 +1137,8 @@ fn abort_actions(r: &Release, keep_online: bool, at: Option<Cursor>) -> Vec<(Ste
         .collect();
     match &r.fleet {
         Fleet::Hosts { instances } => {
-            // Old instances this batch took offline and did not replace go
-            // back into traffic.
+            // Old instances this batch took offline and did not replace or
+            // stop go back into traffic.
             let mut restore = Vec::new();
             if let Some((c, b)) = current {
                 for (s, stage) in b.stages.iter().enumerate() {
@@ -1146,8 +1146,11 @@ fn abort_actions(r: &Release, keep_online: bool, at: Option<Cursor>) -> Vec<(Ste
                     if let (true, Stage::TakeOffline { instances: ids }) = (reached, stage) {
                         restore.extend(ids.iter().filter(|id| {
                             instances.iter().any(|i| {
+                                // Whether or not the take-offline took
+                                // effect (it may have failed halfway):
+                                // bringing an instance online is idempotent.
                                 i.id == **id
-                                    && i.state == InstanceState::Offline
+                                    && i.state != InstanceState::Stopped
                                     && i.version != r.plan.version
                             })
                         }));
