@@ -973,8 +973,11 @@ fn watch(
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(256);
     let shutdown = s.shutdown.clone();
     let mut drops = s.faults.drops();
+    // Holding the rules keeps the drop channel open for the task's life.
+    let faults = s.faults.clone();
     let interval = s.bookmark_interval;
     tokio::spawn(async move {
+        let _faults = faults;
         let encode = |kind: &str, o: &Obj| -> Bytes {
             if as_table {
                 let v = o.value();
