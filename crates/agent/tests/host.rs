@@ -537,7 +537,6 @@ fn a_crashed_app_is_restarted_and_goes_online_only_through_checkurl_again() {
             "online",
             "app_exit",
             "restarting",
-            "exec",
             "app_started",
             "checkurl_passed",
             "hook_finished:preOnline",
@@ -989,4 +988,91 @@ fn the_host_obtains_renews_and_revokes_grants_with_its_token() {
             .any(|c| c == "unauthorized")
     );
     assert!(!host.path("state/instances/db-user/run/lease.json").exists());
+}
+
+#[test]
+fn an_instance_held_offline_stays_out_of_traffic_across_restarts_until_released() {
+    let host = Host::start("127.0.0.1");
+    let port = free_port();
+    let mut body = host.deploy_body(port, 0);
+    let mut d = doc(port);
+    d.drain_seconds = 1;
+    body["lifecycle"] = serde_json::to_value(&d).unwrap();
+    host.ok("PUT", "/v1/instances/held", Some(&body));
+    let v = host.ok(
+        "POST",
+        "/v1/instances/held/start",
+        Some(&json!({"generation": 7})),
+    );
+    assert_eq!(v["generation"], 7);
+    host.wait_phase("held", "online");
+
+    // The hold answers once out of traffic and drained; the app keeps running.
+    let started = Instant::now();
+    let v = host.ok("POST", "/v1/instances/held/offline", None);
+    assert!(started.elapsed() >= Duration::from_secs(1), "drained");
+    assert_eq!(
+        (v["held"].as_bool(), v["online"].as_bool()),
+        (Some(true), Some(false)),
+        "{v}"
+    );
+    assert_eq!(get_work("127.0.0.1", port), 200);
+    host.wait_phase("held", "traffic_off");
+
+    // A crash and restart does not bring it back into traffic.
+    let pid = host.view("held")["app_pid"].as_u64().unwrap();
+    let _ = get_work_path("127.0.0.1", port, "/exit");
+    wait_until("the restarted app is seen", Duration::from_secs(20), || {
+        let v = host.view("held");
+        v["app_pid"].as_u64().is_some_and(|p| p != pid) && v["phase"] == "traffic_off"
+    });
+    let lines = host.log_lines("held");
+    let names = event_names(&lines);
+    let restarted = names.iter().rposition(|n| n == "app_started").unwrap();
+    assert!(
+        !names[restarted..].iter().any(|n| n == "online"),
+        "{names:?}"
+    );
+    assert!(
+        !host
+            .path("state/instances/held/run/healthcheck.html")
+            .exists()
+    );
+
+    // Released: online again through the checkurl.
+    let v = host.ok("POST", "/v1/instances/held/online", None);
+    assert_eq!(v["held"], false);
+    host.wait_phase("held", "online");
+    let started: Vec<Value> = host
+        .log_lines("held")
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["event"] == "supervisor_started")
+        .collect();
+    assert_eq!(started.len(), 1);
+    assert_eq!(started[0]["generation"], 7);
+
+    // Holding again, then a new start (restart) releases the hold: a fresh process.
+    host.ok("POST", "/v1/instances/held/offline", None);
+    let v = host.ok(
+        "POST",
+        "/v1/instances/held/restart",
+        Some(&json!({"generation": 8})),
+    );
+    assert_eq!(
+        (v["held"].as_bool(), v["generation"].as_u64()),
+        (Some(false), Some(8)),
+        "{v}"
+    );
+    host.wait_phase("held", "online");
+    let (s, e) = host.call(
+        "POST",
+        "/v1/instances/held/start",
+        Some(&json!({"generation": "x"})),
+    );
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (400, Some("invalid_body")),
+        "{e}"
+    );
 }

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use keelson_agent_lifecycle::host::api::{DeployRequest, ErrorBody, HostInfo, InstanceView};
+use keelson_agent_lifecycle::host::api::{
+    DeployRequest, ErrorBody, HostInfo, InstanceView, StartRequest,
+};
 use reqwest::Method;
 use serde::de::DeserializeOwned;
 
@@ -79,7 +81,7 @@ impl HostClient {
         &self,
         method: Method,
         path: &str,
-        body: Option<&DeployRequest>,
+        body: Option<&dyn erased::Body>,
         timeout: Duration,
     ) -> Result<T> {
         let url = self.url(path);
@@ -89,7 +91,9 @@ impl HostClient {
             .bearer_auth(&self.token)
             .timeout(timeout);
         if let Some(body) = body {
-            request = request.json(body);
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.to_json());
         }
         let response = request
             .send()
@@ -182,11 +186,37 @@ impl HostClient {
         .await
     }
 
-    /// Starts an instance; returns at once (follow its events for ONLINE).
-    pub async fn start(&self, name: &str) -> Result<InstanceView> {
+    /// Starts an instance, tagging the process with `generation`; returns
+    /// at once (follow its events for ONLINE).
+    pub async fn start(&self, name: &str, generation: Option<u64>) -> Result<InstanceView> {
+        let body = StartRequest { generation };
         self.call(
             Method::POST,
             &format!("instances/{name}/start"),
+            Some(&body),
+            CALL_TIMEOUT,
+        )
+        .await
+    }
+
+    /// Holds an instance out of traffic (returns once it is out and
+    /// drained); it stays out across restarts until [`Self::release`] or a
+    /// new start.
+    pub async fn hold(&self, name: &str) -> Result<InstanceView> {
+        self.call(
+            Method::POST,
+            &format!("instances/{name}/offline"),
+            None,
+            STOP_TIMEOUT,
+        )
+        .await
+    }
+
+    /// Releases the hold: ONLINE again once checkurl and preOnline pass.
+    pub async fn release(&self, name: &str) -> Result<InstanceView> {
+        self.call(
+            Method::POST,
+            &format!("instances/{name}/online"),
             None,
             CALL_TIMEOUT,
         )
@@ -204,12 +234,13 @@ impl HostClient {
         .await
     }
 
-    /// Stops, then starts an instance.
-    pub async fn restart(&self, name: &str) -> Result<InstanceView> {
+    /// Stops, then starts an instance anew, tagged with `generation`.
+    pub async fn restart(&self, name: &str, generation: Option<u64>) -> Result<InstanceView> {
+        let body = StartRequest { generation };
         self.call(
             Method::POST,
             &format!("instances/{name}/restart"),
-            None,
+            Some(&body),
             STOP_TIMEOUT,
         )
         .await
@@ -272,6 +303,19 @@ impl HostClient {
             host: self.name.clone(),
             url,
         })
+    }
+}
+
+mod erased {
+    /// A request body, serialized on demand.
+    pub trait Body: Send + Sync {
+        fn to_json(&self) -> Vec<u8>;
+    }
+
+    impl<T: serde::Serialize + Send + Sync> Body for T {
+        fn to_json(&self) -> Vec<u8> {
+            serde_json::to_vec(self).unwrap_or_default()
+        }
     }
 }
 

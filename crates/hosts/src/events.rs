@@ -13,6 +13,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use keelson_core::release::InstanceChange;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -32,6 +33,9 @@ pub struct HostEvent {
     pub instance: String,
     /// Offset in the instance's log just past this event.
     pub offset: u64,
+    /// The generation of the start command of the supervisor that wrote
+    /// it (see `StartRequest`), when known.
+    pub generation: Option<u64>,
     /// The event: `{"ts", "component", "event", …}`.
     pub event: serde_json::Value,
 }
@@ -40,6 +44,34 @@ impl HostEvent {
     /// The event's name (`online`, `app_exit`, …).
     pub fn name(&self) -> &str {
         self.event["event"].as_str().unwrap_or_default()
+    }
+
+    /// What this event means to a release, if anything: the instance went
+    /// ONLINE, left traffic, failed, its app exited, or it was stopped.
+    pub fn change(&self) -> Option<InstanceChange> {
+        let text = |k: &str| self.event[k].as_str().unwrap_or_default().to_string();
+        match self.name() {
+            "online" => Some(InstanceChange::Online),
+            "healthcheck_removed" => Some(InstanceChange::Offline),
+            "pre_online_failed" => Some(InstanceChange::Failed {
+                error: text("reason"),
+            }),
+            "supervisor_failed" => Some(InstanceChange::Failed {
+                error: text("error"),
+            }),
+            "app_exit" => Some(InstanceChange::Exited {
+                code: self.event["code"]
+                    .as_i64()
+                    .and_then(|c| i32::try_from(c).ok()),
+            }),
+            "supervisor_exited" => match self.event["state"].as_str() {
+                Some("failed") => Some(InstanceChange::Failed {
+                    error: "the instance failed; see its log".into(),
+                }),
+                _ => Some(InstanceChange::Gone),
+            },
+            _ => None,
+        }
     }
 }
 
@@ -133,11 +165,15 @@ async fn follow_host(
                             } else {
                                 0
                             };
+                            let position = Position {
+                                instance: view.name,
+                                offset,
+                                generation: view.generation,
+                            };
                             tokio::spawn(follow_instance(
                                 client.clone(),
                                 host.group.clone(),
-                                view.name,
-                                offset,
+                                position,
                                 tx.clone(),
                                 followed.clone(),
                                 cancel.clone(),
@@ -159,15 +195,26 @@ async fn follow_host(
     .await;
 }
 
+/// Where a follower is in one instance's log.
+struct Position {
+    instance: String,
+    offset: u64,
+    generation: Option<u64>,
+}
+
 async fn follow_instance(
     client: HostClient,
     group: String,
-    instance: String,
-    mut offset: u64,
+    position: Position,
     tx: mpsc::Sender<HostEvent>,
     followed: Followed,
     cancel: CancellationToken,
 ) {
+    let Position {
+        instance,
+        mut offset,
+        mut generation,
+    } = position;
     loop {
         let stream = tokio::select! {
             () = cancel.cancelled() => break,
@@ -182,10 +229,15 @@ async fn follow_instance(
                 match next {
                     Ok(Some(line)) => {
                         offset = line.offset;
-                        let Ok(event) = serde_json::from_str(&line.line) else {
+                        let Ok(event) = serde_json::from_str::<serde_json::Value>(&line.line)
+                        else {
                             continue;
                         };
+                        if event["event"] == "supervisor_started" {
+                            generation = event["generation"].as_u64();
+                        }
                         let event = HostEvent {
+                            generation,
                             host: client.name().to_string(),
                             group: group.clone(),
                             instance: instance.clone(),

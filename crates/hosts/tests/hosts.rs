@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use keelson_agent_lifecycle::host::api::DeployRequest;
 use keelson_core::lifecycle::{CheckUrl, Hooks, LIFECYCLE_API_VERSION, LifecycleDocument};
+use keelson_core::release::InstanceChange;
 use keelson_hosts::registry::{add_host, find_host, list_hosts};
 use keelson_hosts::{
     Error, HealthStatus, HostClient, HostEvents, HostMonitor, HostRecord, StartAt,
@@ -139,6 +140,7 @@ fn deploy_request(port: u16) -> DeployRequest {
         restart: Default::default(),
         log_segment_bytes: None,
         start: true,
+        generation: Some(3),
     }
 }
 
@@ -316,7 +318,11 @@ async fn the_client_drives_instances_and_events_of_all_hosts_arrive_as_one_strea
             .unwrap();
         assert_eq!(e.group, "web");
         assert_eq!(e.instance, "orders-1");
+        if e.name() != "supervisor_started" && e.name() != "host_started" {
+            assert_eq!(e.generation, Some(3), "{e:?}");
+        }
         if e.name() == "online" {
+            assert_eq!(e.change(), Some(InstanceChange::Online));
             online.insert(e.host.clone());
         }
     }
@@ -325,6 +331,18 @@ async fn the_client_drives_instances_and_events_of_all_hosts_arrive_as_one_strea
     let client = HostClient::for_host(&a.record("web")).unwrap();
     let view = client.instance("orders-1").await.unwrap();
     assert!(view.online);
+    // A hold takes it out of traffic; the stream says so.
+    let held = client.hold("orders-1").await.unwrap();
+    assert!(held.held && !held.online);
+    loop {
+        let e = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .expect("events")
+            .unwrap();
+        if e.host == "vm-a" && e.change() == Some(InstanceChange::Offline) {
+            break;
+        }
+    }
     let stopped = client.stop("orders-1").await.unwrap();
     assert!(!stopped.online);
     let mut seen = Vec::new();
@@ -336,12 +354,13 @@ async fn the_client_drives_instances_and_events_of_all_hosts_arrive_as_one_strea
         if e.host == "vm-a" {
             seen.push(e.name().to_string());
             if e.name() == "supervisor_exited" {
+                assert_eq!(e.change(), Some(InstanceChange::Gone));
                 break;
             }
         }
     }
     let pos = |n: &str| seen.iter().position(|s| s == n).unwrap_or(usize::MAX);
-    assert!(pos("healthcheck_removed") < pos("app_stopped"), "{seen:?}");
+    assert!(pos("offline") < pos("app_stopped"), "{seen:?}");
     assert!(pos("app_stopped") < pos("supervisor_exited"), "{seen:?}");
 
     // Logs: the whole log, and precise errors.

@@ -6,9 +6,11 @@
 //! GET    /v1/instances                         [InstanceView]
 //! PUT    /v1/instances/{name}                  DeployRequest → InstanceView   (instance must be stopped)
 //! GET    /v1/instances/{name}                  InstanceView
-//! POST   /v1/instances/{name}/start            InstanceView (at once; follow events for ONLINE)
+//! POST   /v1/instances/{name}/start            StartRequest (optional) → InstanceView (at once; follow events for ONLINE)
 //! POST   /v1/instances/{name}/stop             InstanceView (when the offline sequence and the stop are done)
-//! POST   /v1/instances/{name}/restart          stop, then start
+//! POST   /v1/instances/{name}/restart          stop, then start (StartRequest body optional)
+//! POST   /v1/instances/{name}/offline          hold it out of traffic (drain included), app keeps running
+//! POST   /v1/instances/{name}/online           release the hold: ONLINE again after checkurl + preOnline
 //! DELETE /v1/instances/{name}                  204 (instance must be stopped)
 //! GET    /v1/instances/{name}/logs?offset=N&follow=true&only=events
 //!                                              text/event-stream: `id: <next offset>` + `data: <line>`
@@ -110,6 +112,21 @@ pub struct DeployRequest {
     /// Start the instance right after deploying it.
     #[serde(default)]
     pub start: bool,
+    /// With `start`: tags the started process (see [`StartRequest`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+}
+
+/// `POST …/start` and `…/restart` (the body is optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartRequest {
+    /// Tags the started process: the release engine's generation of the
+    /// command, carried back in the instance's view and its
+    /// `supervisor_started` event, so late news about a replaced process is
+    /// recognised.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
 }
 
 /// What the daemon wants an instance to be.
@@ -184,6 +201,10 @@ pub struct InstanceView {
     pub phase: Option<Phase>,
     /// Whether healthcheck.html exists: the instance takes traffic.
     pub online: bool,
+    /// Held out of traffic (`…/offline`) until `…/online` or a new start.
+    pub held: bool,
+    /// The generation of the start command of the current supervisor.
+    pub generation: Option<u64>,
     /// The supervisor's pid, while it runs.
     pub supervisor_pid: Option<u32>,
     /// The app's pid, while it runs.

@@ -24,8 +24,8 @@ use keelson_core::lifecycle::LifecycleDocument;
 use serde_json::json;
 
 use super::api::{
-    DeployRequest, Desired, ErrorBody, ErrorDetail, HostInfo, InstanceView, SupervisorState,
-    valid_instance_name,
+    DeployRequest, Desired, ErrorBody, ErrorDetail, HostInfo, InstanceView, StartRequest,
+    SupervisorState, valid_instance_name,
 };
 use super::instance::{HostSpec, InstanceDir, SupervisorRecord};
 use super::server::{ChunkWriter, Reply, Request, serve};
@@ -244,7 +244,7 @@ impl Daemon {
                 "supervisor_lost",
                 &[("instance", json!(name)), ("state", json!(record.state))],
             );
-            if let Err(e) = self.spawn_supervisor(&dir) {
+            if let Err(e) = self.spawn_supervisor(&dir, record.generation) {
                 self.output.event(
                     "supervisor_respawn_failed",
                     &[("instance", json!(name)), ("error", json!(e.message))],
@@ -302,12 +302,15 @@ impl Daemon {
             ("PUT", ["instances", name]) => self.deploy(name, &req.body),
             ("GET", ["instances", name]) => Ok(Reply::json(200, &self.view(name)?)),
             ("DELETE", ["instances", name]) => self.delete(name),
-            ("POST", ["instances", name, "start"]) => self.start(name),
+            ("POST", ["instances", name, "start"]) => self.start(name, &req.body),
             ("POST", ["instances", name, "stop"]) => self.stop_instance(name),
             ("POST", ["instances", name, "restart"]) => {
+                let _ = start_request(&req.body)?;
                 self.stop_instance(name)?;
-                self.start(name)
+                self.start(name, &req.body)
             }
+            ("POST", ["instances", name, "offline"]) => self.hold(name),
+            ("POST", ["instances", name, "online"]) => self.release_hold(name),
             ("GET", ["instances", name, "logs"]) => self.logs(name, &req),
             (_, ["host" | "instances"] | ["instances", _] | ["instances", _, _]) => {
                 Err(ApiError::new(
@@ -479,34 +482,79 @@ impl Daemon {
             ],
         );
         if request.start {
-            self.start_locked(&dir)?;
+            self.start_locked(&dir, request.generation)?;
         }
         Ok(Reply::json(201, &dir.view(&spec, &doc.app, &doc.env)))
     }
 
-    fn start(&self, name: &str) -> ApiResult {
+    fn start(&self, name: &str, body: &[u8]) -> ApiResult {
+        let request = start_request(body)?;
         let (dir, spec, doc) = self.known(name)?;
         let lock = self.lock_for(name);
         let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.start_locked(&dir)?;
+        self.start_locked(&dir, request.generation)?;
         Ok(Reply::json(200, &dir.view(&spec, &doc.app, &doc.env)))
     }
 
-    fn start_locked(&self, dir: &InstanceDir) -> ApiResult<()> {
+    /// Starts the instance anew: this also releases an offline hold.
+    fn start_locked(&self, dir: &InstanceDir, generation: Option<u64>) -> ApiResult<()> {
         dir.set_desired(Desired::Running).map_err(internal)?;
         if dir.live_supervisor().is_some() {
             return Ok(());
         }
+        dir.set_held(false).map_err(internal)?;
         let run = dir.root.join("run");
         for f in ["offline.request", "offline.ack", "offline.done"] {
             let _ = remove_if_present(&run.join(f));
         }
-        self.spawn_supervisor(dir)
+        let _ = remove_if_present(&dir.record_path());
+        self.spawn_supervisor(dir, generation)
+    }
+
+    /// Holds the instance out of traffic: the sidecar removes
+    /// healthcheck.html; when it was online, the drain period follows
+    /// before the answer. The app keeps running, and does not go online
+    /// again (even after a restart) until the hold is released.
+    fn hold(&self, name: &str) -> ApiResult {
+        let (dir, spec, doc) = self.known(name)?;
+        let lock = self.lock_for(name);
+        let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let marker = dir.layout(&spec).healthcheck();
+        let was_online = dir.live_supervisor().is_some() && marker.exists();
+        dir.set_held(true).map_err(internal)?;
+        if was_online {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while marker.exists() && dir.live_supervisor().is_some() {
+                if Instant::now() >= deadline {
+                    return Err(internal(format!(
+                        "instance `{name}` did not leave traffic within 10s"
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_secs(u64::from(doc.drain_seconds)));
+        }
+        self.output.event(
+            "instance_held",
+            &[("instance", json!(name)), ("was_online", json!(was_online))],
+        );
+        Ok(Reply::json(200, &dir.view(&spec, &doc.app, &doc.env)))
+    }
+
+    /// Releases the hold: ONLINE again once checkurl and preOnline pass.
+    fn release_hold(&self, name: &str) -> ApiResult {
+        let (dir, spec, doc) = self.known(name)?;
+        let lock = self.lock_for(name);
+        let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        dir.set_held(false).map_err(internal)?;
+        self.output
+            .event("instance_released", &[("instance", json!(name))]);
+        Ok(Reply::json(200, &dir.view(&spec, &doc.app, &doc.env)))
     }
 
     /// Spawns the supervisor, records it, then lets it go (closes its stdin),
     /// so the record names the supervisor before the supervisor writes it.
-    fn spawn_supervisor(&self, dir: &InstanceDir) -> ApiResult<()> {
+    fn spawn_supervisor(&self, dir: &InstanceDir, generation: Option<u64>) -> ApiResult<()> {
         let spec = dir
             .spec()
             .ok_or_else(|| internal("the instance has no spec"))?;
@@ -557,6 +605,7 @@ impl Daemon {
             restarts: previous.as_ref().map_or(0, |r| r.restarts),
             last_exit: previous.and_then(|r| r.last_exit),
             message: None,
+            generation,
             updated_at: rfc3339_now(),
         };
         let written = write_json_atomic(&dir.record_path(), &record);
@@ -660,6 +709,14 @@ impl Daemon {
             body: Box::new(move |w| stream_log(w, &logs, offset, follow, events_only, &stop)),
         })
     }
+}
+
+fn start_request(body: &[u8]) -> ApiResult<StartRequest> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(StartRequest::default());
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(400, "invalid_body", format!("invalid start request: {e}")))
 }
 
 /// How long a stop may take: the offline sequence, the app's stop, a margin.

@@ -69,6 +69,9 @@ pub struct SupervisorRecord {
     pub last_exit: Option<ExitRecord>,
     /// Why it failed.
     pub message: Option<String>,
+    /// The generation of the start command (see `StartRequest`).
+    #[serde(default)]
+    pub generation: Option<u64>,
     /// When the record changed.
     pub updated_at: String,
 }
@@ -147,6 +150,27 @@ impl InstanceDir {
         crate::layout::write_atomic(&self.desired_path(), text.as_bytes())
     }
 
+    /// The traffic label file the sidecar follows (a pod's downwardAPI labels).
+    pub fn labels_path(&self) -> PathBuf {
+        self.root.join("podinfo").join("labels")
+    }
+
+    /// Whether the instance is held out of traffic.
+    pub fn held(&self) -> bool {
+        std::fs::read_to_string(self.labels_path())
+            .is_ok_and(|t| crate::labels::traffic_off(&crate::labels::parse_labels(&t)))
+    }
+
+    /// Holds the instance out of traffic, or releases the hold.
+    pub fn set_held(&self, held: bool) -> std::io::Result<()> {
+        if held {
+            let line = format!("{}=\"offline\"\n", crate::labels::TRAFFIC_LABEL);
+            crate::layout::write_atomic(&self.labels_path(), line.as_bytes())
+        } else {
+            crate::layout::remove_if_present(&self.labels_path()).map(|_| ())
+        }
+    }
+
     /// The supervisor's record.
     pub fn record(&self) -> Option<SupervisorRecord> {
         read_json(&self.record_path())
@@ -182,6 +206,8 @@ impl InstanceDir {
             state,
             phase,
             online: live.is_some() && layout.healthcheck().exists(),
+            held: self.held(),
+            generation: record.as_ref().and_then(|r| r.generation),
             supervisor_pid: live.map(|p| p.pid),
             app_pid,
             restarts: record.as_ref().map_or(0, |r| r.restarts),

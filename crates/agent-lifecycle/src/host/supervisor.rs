@@ -97,6 +97,7 @@ pub fn run(dir: &Path) -> Result<(), String> {
         restarts: 0,
         last_exit: None,
         message: None,
+        generation: None,
         updated_at: String::new(),
     });
     initial.process = AppProcess::current();
@@ -104,6 +105,7 @@ pub fn run(dir: &Path) -> Result<(), String> {
     initial.phase = None;
     initial.app_pid = None;
     initial.message = None;
+    let generation = initial.generation;
     let recorder = Arc::new(Recorder {
         path: idir.record_path(),
         record: Mutex::new(initial),
@@ -136,6 +138,7 @@ pub fn run(dir: &Path) -> Result<(), String> {
             ("pid", json!(std::process::id())),
             ("address", json!(spec.address)),
             ("command", json!(spec.command)),
+            ("generation", json!(generation)),
         ],
     );
     write_tag_shim(&idir.tag_shim(), &exe)?;
