@@ -40,6 +40,9 @@ struct Scenario {
     choices: Vec<u8>,
     user: User,
     user_at: usize,
+    /// Instances already on the new version (an earlier, interrupted
+    /// release): hosts slots, or pods on the other track.
+    ahead: u32,
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {
@@ -89,6 +92,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         proptest::collection::vec(any::<u8>(), 1..64),
         user,
         0usize..40,
+        prop_oneof![3 => Just(0u32), 1 => 1u32..4],
     )
         .prop_map(
             |(
@@ -103,6 +107,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 choices,
                 user,
                 user_at,
+                ahead,
             )| Scenario {
                 kube,
                 strategy,
@@ -115,6 +120,12 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 choices,
                 user,
                 user_at,
+                // Rolling updates one Deployment and refuses two busy tracks.
+                ahead: if kube && strategy == ReleaseStrategy::Rolling {
+                    0
+                } else {
+                    ahead
+                },
             },
         )
 }
@@ -130,19 +141,14 @@ fn run(s: &Scenario) -> Result<Run, TestCaseError> {
     let (from, to) = (v("v1"), v("v2"));
     let mut settings = settings(s.strategy, s.batches.clone(), s.pause);
     settings.failed_instances = s.policy;
+    let ahead = s.ahead.min(s.current);
     let (world, fleet, initial) = if s.kube {
-        let (world, events) = World::kube(s.current, &from);
-        (
-            world,
-            Fleet::kubernetes(Track::Blue, &from, s.current),
-            events,
-        )
+        let (world, events) = World::kube_two(s.current, &from, ahead, &to);
+        let fleet = World::fleet_of_kube(s.current, &from, ahead, &to);
+        (world, fleet, events)
     } else {
-        (
-            World::hosts(s.current, &from),
-            World::fleet_of_hosts(s.current, &from),
-            Vec::new(),
-        )
+        let (world, fleet) = World::hosts_ahead(s.current, &from, ahead, &to);
+        (world, fleet, Vec::new())
     };
     let release = Release::new("r1", from.clone(), to.clone(), s.desired, fleet, settings)
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
@@ -363,18 +369,39 @@ fn check_end_quiet(s: &Scenario, r: &Run) -> Result<(), TestCaseError> {
             prop_assert_eq!(running.len() as u32, s.desired);
         }
         Status::Aborted { keep_online: false } if r.sim.release.phase == Phase::Forward => {
+            let started = r.sim.world.started();
             prop_assert!(
-                !running.iter().any(|(v, online)| *v == r.to && *online),
+                !started.iter().any(|(_, v, online)| *v == r.to && *online),
                 "an aborted instance takes traffic: {:?}",
-                running
+                started
             );
+            // The summary the API prints says so too.
             let summary = summarize(&r.sim.release);
+            let wrong: Vec<_> = summary
+                .instances
+                .iter()
+                .filter(|i| {
+                    i.version == r.to
+                        && i.traffic
+                        && started.iter().any(|(id, _, _)| *id == i.instance)
+                })
+                .collect();
             prop_assert!(
-                !summary
-                    .instances
-                    .iter()
-                    .any(|i| i.version == r.to && i.traffic)
+                wrong.is_empty(),
+                "the summary says {:?} take traffic",
+                wrong
             );
+        }
+        Status::Aborted { keep_online: true } => {
+            let offline: Vec<_> = r
+                .sim
+                .actions
+                .iter()
+                .filter(|a| {
+                    a.id.phase == Phase::Abort && matches!(a.command, Command::TakeOffline { .. })
+                })
+                .collect();
+            prop_assert!(offline.is_empty(), "keep_online, yet {:?}", offline);
         }
         _ => {}
     }

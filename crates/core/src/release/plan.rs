@@ -572,6 +572,13 @@ fn plan_kubernetes(
     let (blue, green) = (&tracks[0], &tracks[1]);
     let runs = |t: &TrackState| t.version.as_ref() == Some(version) && t.replicas > 0;
     if settings.strategy == Strategy::Rolling {
+        // A rollout updates one Deployment; the other must be empty.
+        if blue.replicas > 0 && green.replicas > 0 {
+            return Err(PlanError::BothTracksBusy {
+                blue: blue.replicas,
+                green: green.replicas,
+            });
+        }
         return Ok(plan_rolling(tracks, online, desired, version, settings));
     }
     // The target track: the one already running the version (a rollback or

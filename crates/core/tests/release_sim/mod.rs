@@ -112,6 +112,78 @@ impl World {
     /// `replicas` ONLINE pods of `version` on blue; the events announcing
     /// them are returned so the machine learns the pods.
     pub fn kube(replicas: u32, version: &Version) -> (Self, Vec<Event>) {
+        Self::kube_two(replicas, version, 0, version)
+    }
+
+    /// Blue with `blue` pods of `old`, green with `green` pods of `new`
+    /// (a release interrupted earlier), all ONLINE; with the fleet the
+    /// machine starts from and the events announcing the pods.
+    pub fn kube_two(blue: u32, old: &Version, green: u32, new: &Version) -> (Self, Vec<Event>) {
+        let (mut world, mut events) = Self::kube_blue(blue, old);
+        let World::Kube { tracks, pods, .. } = &mut world else {
+            unreachable!()
+        };
+        if green > 0 {
+            let t = tracks.get_mut(&Track::Green).unwrap();
+            t.version = Some(new.clone());
+            t.replicas = green;
+            for i in 0..green {
+                let name = InstanceId(format!("green-old-{i}"));
+                pods.insert(
+                    name.clone(),
+                    SimPod {
+                        track: Track::Green,
+                        version: new.clone(),
+                        starting: false,
+                        failed: false,
+                        online: true,
+                        held: false,
+                    },
+                );
+                events.push(event(
+                    &name,
+                    Track::Green,
+                    new,
+                    None,
+                    InstanceChange::Online,
+                ));
+            }
+        }
+        (world, events)
+    }
+
+    /// The fleet a machine starts from for [`World::kube_two`].
+    pub fn fleet_of_kube(blue: u32, old: &Version, green: u32, new: &Version) -> Fleet {
+        let Fleet::Kubernetes { mut tracks, pods } = Fleet::kubernetes(Track::Blue, old, blue)
+        else {
+            unreachable!()
+        };
+        if green > 0 {
+            tracks[1].version = Some(new.clone());
+            tracks[1].replicas = green;
+        }
+        Fleet::Kubernetes { tracks, pods }
+    }
+
+    /// Hosts whose first `ahead` slots run `new` already.
+    pub fn hosts_ahead(slots: u32, old: &Version, ahead: u32, new: &Version) -> (Self, Fleet) {
+        let mut world = Self::hosts(slots, old);
+        let mut fleet = Self::fleet_of_hosts(slots, old);
+        let (World::Hosts(procs), Fleet::Hosts { instances }) = (&mut world, &mut fleet) else {
+            unreachable!()
+        };
+        for (p, i) in procs
+            .values_mut()
+            .zip(instances.iter_mut())
+            .take(ahead as usize)
+        {
+            p.version = new.clone();
+            i.version = new.clone();
+        }
+        (world, fleet)
+    }
+
+    fn kube_blue(replicas: u32, version: &Version) -> (Self, Vec<Event>) {
         let mut tracks = BTreeMap::new();
         tracks.insert(
             Track::Blue,
@@ -194,6 +266,22 @@ impl World {
             World::Kube { pods, .. } => pods
                 .values()
                 .map(|p| (p.version.clone(), p.online))
+                .collect(),
+        }
+    }
+
+    /// (id, version, online) of every running instance the release started.
+    pub fn started(&self) -> Vec<(InstanceId, Version, bool)> {
+        match self {
+            World::Hosts(p) => p
+                .iter()
+                .filter(|(_, p)| p.running && p.generation.is_some())
+                .map(|(id, p)| (id.clone(), p.version.clone(), p.online))
+                .collect(),
+            World::Kube { pods, .. } => pods
+                .iter()
+                .filter(|(name, _)| !name.0.contains("-old-"))
+                .map(|(id, p)| (id.clone(), p.version.clone(), p.online))
                 .collect(),
         }
     }
@@ -585,6 +673,8 @@ pub struct Sim {
     pub steps: usize,
     /// Inputs and actions, for failure messages.
     pub log: Vec<String>,
+    /// Every action issued.
+    pub actions: Vec<Action>,
 }
 
 impl Sim {
@@ -597,6 +687,7 @@ impl Sim {
             inputs: Vec::new(),
             steps: 0,
             log: Vec::new(),
+            actions: Vec::new(),
         };
         for e in initial {
             sim.feed(e);
@@ -623,6 +714,7 @@ impl Sim {
             let events = self.world.apply(a);
             self.inbox.extend(events);
         }
+        self.actions.extend(t.actions.iter().cloned());
         self.release = t.release.clone();
         t
     }
