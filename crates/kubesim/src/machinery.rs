@@ -279,32 +279,37 @@ impl Machinery {
         let mut more = false;
         let mut remaining = 0usize;
         let selective = !q.labels.is_empty() || !q.fields.is_empty();
-        let snapshot = self
-            .store
-            .scan(res, ns, at, after.as_deref(), |o| {
-                if !q.labels.matches(o) || !q.fields.matches(o) {
-                    return true;
-                }
-                if items.len() < limit {
-                    items.push(o.clone());
-                    true
-                } else {
-                    more = true;
-                    remaining += 1;
-                    // Counting the rest is only worth it without selectors.
-                    !selective
-                }
-            })
-            .map_err(|e| {
-                if q.continue_token.is_some() {
-                    ApiError::expired(
-                        "The provided continue parameter is too old to display a consistent list result. \
-                         You can start a new list without the continue parameter.",
-                    )
-                } else {
-                    ApiError::expired(e.to_string())
-                }
-            })?;
+        let visit = |o: &Arc<Obj>| {
+            if !q.labels.matches(o) || !q.fields.matches(o) {
+                return true;
+            }
+            if items.len() < limit {
+                items.push(o.clone());
+                true
+            } else {
+                more = true;
+                remaining += 1;
+                // Counting the rest is only worth it without selectors.
+                !selective
+            }
+        };
+        let snapshot = match (at, q.labels.first_equality()) {
+            // The latest state, selected by a label: read the label index.
+            (None, Some((k, v))) => self.store.scan_label(res, ns, k, v, after.as_deref(), visit),
+            _ => self
+                .store
+                .scan(res, ns, at, after.as_deref(), visit)
+                .map_err(|e| {
+                    if q.continue_token.is_some() {
+                        ApiError::expired(
+                            "The provided continue parameter is too old to display a consistent list result. \
+                             You can start a new list without the continue parameter.",
+                        )
+                    } else {
+                        ApiError::expired(e.to_string())
+                    }
+                })?,
+        };
         let continue_token = more
             .then(|| items.last().map(|o| encode_continue(snapshot, &o.key)))
             .flatten();

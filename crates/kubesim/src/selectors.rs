@@ -130,6 +130,14 @@ impl LabelSelector {
         LabelSelector(reqs)
     }
 
+    /// The first `key=value` requirement, which an index can answer.
+    pub fn first_equality(&self) -> Option<(&str, &str)> {
+        self.0.iter().find_map(|r| match r {
+            LabelReq::Eq(k, v) => Some((k.as_str(), v.as_str())),
+            _ => None,
+        })
+    }
+
     /// Whether the selector has no requirement (selects everything).
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()

@@ -31,7 +31,7 @@ pub type Labels = Box<[(Arc<str>, Arc<str>)]>;
 #[derive(Debug)]
 pub struct Obj {
     /// `namespace/name` (`/name` for cluster-scoped objects).
-    pub key: Box<str>,
+    pub key: Arc<str>,
     /// The resource version this copy was written at.
     pub rv: u64,
     /// The whole object as JSON, LZ4-compressed (objects of one kind
@@ -157,9 +157,15 @@ pub enum Expect {
     Version(u64),
 }
 
+/// A label pair (interned strings).
+type LabelPair = (Arc<str>, Arc<str>);
+
 #[derive(Default)]
 struct Table {
     objects: BTreeMap<Box<str>, Arc<Obj>>,
+    /// Keys of the objects carrying each label pair: equality selectors
+    /// read these instead of every object.
+    by_label: HashMap<LabelPair, BTreeSet<Arc<str>>>,
     log: VecDeque<Arc<Event>>,
     /// Every change with `rv <= compacted` has left the log.
     compacted: u64,
@@ -346,7 +352,7 @@ impl Store {
         if let Some(p) = &prev {
             for o in p.owners.iter() {
                 if let Some(set) = inner.dependents.get_mut(o) {
-                    set.remove(&(res, p.key.clone()));
+                    set.remove(&(res, Box::from(&*p.key)));
                     if set.is_empty() {
                         inner.dependents.remove(o);
                     }
@@ -355,9 +361,26 @@ impl Store {
             inner.by_uid.remove(&p.uid);
         }
         let table = &mut inner.tables[res];
+        if let Some(p) = &prev {
+            for pair in p.labels.iter() {
+                if let Some(set) = table.by_label.get_mut(pair) {
+                    set.remove(&p.key);
+                    if set.is_empty() {
+                        table.by_label.remove(pair);
+                    }
+                }
+            }
+        }
         if kind == EventKind::Deleted {
             table.objects.remove(key);
         } else {
+            for pair in obj.labels.iter() {
+                table
+                    .by_label
+                    .entry(pair.clone())
+                    .or_default()
+                    .insert(obj.key.clone());
+            }
             table.objects.insert(key.into(), obj.clone());
             inner.by_uid.insert(obj.uid.clone(), (res, key.into()));
             for o in obj.owners.iter() {
@@ -429,7 +452,7 @@ impl Store {
                 if e.rv <= at {
                     break;
                 }
-                overlay.insert(e.obj.key.clone(), e.prev.clone());
+                overlay.insert(Box::from(&*e.obj.key), e.prev.clone());
             }
         }
         let mut cur = table.objects.range((lo.clone(), hi.clone())).peekable();
@@ -457,6 +480,48 @@ impl Store {
             }
         }
         Ok(at)
+    }
+
+    /// Visits, in key order, the latest objects carrying the label
+    /// `key=value`, limited to one namespace when `ns` is given and
+    /// starting after `after`; `visit` returns false to stop. Returns the
+    /// version the answer represents. Costs what the label selects, not
+    /// what the table holds.
+    pub fn scan_label(
+        &self,
+        res: ResourceId,
+        ns: Option<&str>,
+        key: &str,
+        value: &str,
+        after: Option<&str>,
+        mut visit: impl FnMut(&Arc<Obj>) -> bool,
+    ) -> u64 {
+        let inner = self.read();
+        let table = &inner.tables[res];
+        let (Some(k), Some(v)) = (inner.interner.get(key), inner.interner.get(value)) else {
+            return inner.rv;
+        };
+        let Some(keys) = table.by_label.get(&(k.clone(), v.clone())) else {
+            return inner.rv;
+        };
+        let (lo, hi) = ns_range(ns);
+        let lo: Bound<&str> = match (after, &lo) {
+            (Some(a), _) => Bound::Excluded(a),
+            (None, Bound::Included(l)) => Bound::Included(l),
+            _ => Bound::Unbounded,
+        };
+        let hi: Bound<&str> = match &hi {
+            Bound::Excluded(h) => Bound::Excluded(h),
+            _ => Bound::Unbounded,
+        };
+        for k in keys.range::<str, _>((lo, hi)) {
+            if let Some(o) = table.objects.get(&**k)
+                && !visit(o)
+            {
+                break;
+            }
+        }
+        inner.rv
     }
 
     /// Appends to `out` the changes of one resource after version `after`.
@@ -571,6 +636,49 @@ mod tests {
         assert!(s.events_after(PODS, 2, &mut out).is_err());
         s.events_after(PODS, 4, &mut out).unwrap();
         assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn label_index_follows_relabels_and_deletes() {
+        let s = Store::new(10);
+        let labeled = |ns: &str, name: &str, app: &str| json!({"metadata": {"name": name, "namespace": ns, "uid": format!("{ns}/{name}"), "labels": {"app": app}}});
+        s.write(PODS, "a/p1", Expect::Absent, Some(labeled("a", "p1", "x")))
+            .unwrap();
+        s.write(
+            PODS,
+            "a-b/p2",
+            Expect::Absent,
+            Some(labeled("a-b", "p2", "x")),
+        )
+        .unwrap();
+        s.write(PODS, "b/p3", Expect::Absent, Some(labeled("b", "p3", "x")))
+            .unwrap();
+        s.write(PODS, "b/p4", Expect::Absent, Some(labeled("b", "p4", "y")))
+            .unwrap();
+        let names = |ns: Option<&str>, v: &str, after: Option<&str>| {
+            let mut out = vec![];
+            s.scan_label(PODS, ns, "app", v, after, |o| {
+                out.push(o.key.to_string());
+                true
+            });
+            out
+        };
+        assert_eq!(names(None, "x", None), ["a-b/p2", "a/p1", "b/p3"]);
+        assert_eq!(names(Some("a"), "x", None), ["a/p1"]);
+        assert_eq!(names(None, "x", Some("a/p1")), ["b/p3"]);
+        assert!(names(None, "nope", None).is_empty());
+        let o = s.get(PODS, "b/p3").unwrap();
+        s.write(
+            PODS,
+            "b/p3",
+            Expect::Version(o.rv),
+            Some(labeled("b", "p3", "y")),
+        )
+        .unwrap();
+        let o = s.get(PODS, "a/p1").unwrap();
+        s.write(PODS, "a/p1", Expect::Version(o.rv), None).unwrap();
+        assert_eq!(names(None, "x", None), ["a-b/p2"]);
+        assert_eq!(names(None, "y", None), ["b/p3", "b/p4"]);
     }
 
     #[test]

@@ -244,6 +244,21 @@ async fn list_selectors_and_consistent_pagination() {
         .unwrap();
     assert_eq!(by_name.items.len(), 1);
 
+    // Paging a label selection: the first page comes from the label index,
+    // the rest from the snapshot the token names.
+    let mut paged = Vec::new();
+    let mut lp = ListParams::default().labels("tier=even").limit(5);
+    loop {
+        let page = api.list(&lp).await.unwrap();
+        paged.extend(page.items.into_iter().map(|c| c.metadata.name.unwrap()));
+        match page.metadata.continue_.filter(|t| !t.is_empty()) {
+            Some(t) => lp = lp.continue_token(&t),
+            None => break,
+        }
+    }
+    let evens: Vec<String> = (0..25).step_by(2).map(|i| format!("c{i:02}")).collect();
+    assert_eq!(paged, evens);
+
     let p1 = api.list(&ListParams::default().limit(10)).await.unwrap();
     assert_eq!(p1.items.len(), 10);
     let token = p1.metadata.continue_.clone().expect("continue token");
