@@ -219,7 +219,7 @@ async fn main() -> anyhow::Result<()> {
             "rss_base_mib": base_rss.round(),
             "list_one_app_ms": (times[times.len() / 2] * 100.0).round() / 100.0,
             "list_one_app_pods": found,
-            "list_one_app_store_ms": (store_times[store_times.len() / 2] * 100.0).round() / 100.0,
+            "list_one_app_store_ms": (store_times[store_times.len() / 2] * 1000.0).round() / 1000.0,
             "bytes_per_pod": bytes / pods.min(1000),
             "stored_bytes_per_pod": stored / pods.max(1),
         })

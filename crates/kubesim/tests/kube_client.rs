@@ -151,6 +151,23 @@ async fn the_written_kubeconfig_works_for_kube_rs() {
 }
 
 #[tokio::test]
+async fn kube_discovery_finds_every_served_kind() {
+    let (_sim, client) = sim().await;
+    let discovery = kube::Discovery::new(client).run().await.unwrap();
+    for r in kubesim::resources::RESOURCES {
+        let gvk = kube::api::GroupVersionKind::gvk(r.group, r.version, r.kind);
+        let (ar, caps) = discovery
+            .resolve_gvk(&gvk)
+            .unwrap_or_else(|| panic!("{gvk:?} not discovered"));
+        assert_eq!(ar.plural, r.plural);
+        assert_eq!(
+            caps.scope == kube::discovery::Scope::Namespaced,
+            r.namespaced
+        );
+    }
+}
+
+#[tokio::test]
 async fn generate_name_and_missing_namespace() {
     let (_sim, client) = sim().await;
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
