@@ -56,9 +56,13 @@ pub enum Command {
             default_value = "ghcr.io/keelson/keelson-agent:0.1.0"
         )]
         agent_image: String,
-        /// keelson's authorization API as pods reach it.
-        #[arg(long, env = "KEELSON_AUTHORIZATION_URL")]
-        authorization_url: Option<String>,
+        /// keelson's authorization API as pods reach it (needed when the app has databases).
+        #[arg(
+            long,
+            env = "KEELSON_AUTHORIZATION_URL",
+            default_value = "http://keelson.keelson-system.svc:8080"
+        )]
+        authorization_url: String,
         /// The profile revision to record.
         #[arg(long)]
         revision: Option<u64>,
@@ -127,7 +131,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     track,
                     cluster: cluster.as_deref(),
                     agent_image: &agent_image,
-                    authorization_url: authorization_url.as_deref(),
+                    authorization_url: Some(&authorization_url),
                     revision,
                 },
             )?;
@@ -177,9 +181,16 @@ fn validate(files: &[PathBuf], output: ReportFormat) -> anyhow::Result<ExitCode>
     let mut failed = false;
     let mut report = serde_json::Map::new();
     for file in files {
-        let errors = match profile::parse(&read(file)?) {
-            Ok(_) => Vec::new(),
-            Err(e) => e.errors,
+        // An unreadable file is one more failure; the others are still checked.
+        let errors = match read(file).map(|text| profile::parse(&text)) {
+            Ok(Ok(_)) => Vec::new(),
+            Ok(Err(e)) => e.errors,
+            Err(e) => vec![profile::FieldError {
+                path: String::new(),
+                message: format!("{e:#}"),
+                line: 0,
+                column: 0,
+            }],
         };
         failed |= !errors.is_empty();
         match output {

@@ -135,9 +135,14 @@ fn render_refuses_bad_input_with_a_clear_message() {
         stderr.contains("spec.hooks.postStart: postStart is not supported"),
         "{stderr}"
     );
-    let (code, _, stderr) = keelson(&["validate", "no/such/file.yaml"]);
+    let (code, stdout, stderr) =
+        keelson(&["validate", "no/such/file.yaml", "examples/hello/app.yaml"]);
     assert_eq!(code, 1);
     assert!(stderr.contains("cannot read no/such/file.yaml"), "{stderr}");
+    assert!(
+        stdout.contains("examples/hello/app.yaml: valid"),
+        "the other files are still checked: {stdout}"
+    );
 }
 
 #[test]

@@ -123,6 +123,25 @@ impl Expr {
         Ok(Expr { root: root.node })
     }
 
+    /// The ports of every `debugger_attached(port)` call in the expression.
+    pub fn debugger_ports(&self) -> Vec<u16> {
+        fn visit(node: &Node, ports: &mut Vec<u16>) {
+            match node {
+                Node::Or(items) | Node::And(items) => items.iter().for_each(|n| visit(n, ports)),
+                Node::Not(inner) => visit(inner, ports),
+                Node::Cmp { left, right, .. } => {
+                    visit(left, ports);
+                    visit(right, ports);
+                }
+                Node::Call(Call::DebuggerAttached { port }) => ports.push(*port),
+                Node::Call(_) | Node::Number(_) | Node::Str(_) | Node::Bool(_) => {}
+            }
+        }
+        let mut ports = Vec::new();
+        visit(&self.root, &mut ports);
+        ports
+    }
+
     /// Evaluates with short-circuit; pure: all IO goes through `Probes`.
     pub fn evaluate(&self, probes: &mut impl Probes) -> bool {
         match eval(&self.root, probes) {

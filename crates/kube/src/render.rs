@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use keelson_core::lifecycle::{Authorization, LIFECYCLE_FILE};
-use keelson_core::profile::{EffectiveApp, Profile, Protocol, Strategy, Target};
+use keelson_core::profile::{EffectiveApp, Profile, Protocol, Strategy, Target, defaults};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
@@ -145,6 +145,11 @@ pub enum RenderError {
     /// The profile has no image for this environment.
     #[error("environment `{0}` has no `image`")]
     NoImage(String),
+    /// The app needs database grants but no authorization URL was given.
+    #[error(
+        "environment `{0}` has database dependencies, so its pods need keelson's authorization URL (the cluster's `authorizationUrl`) to obtain grants"
+    )]
+    NoAuthorizationUrl(String),
 }
 
 /// Renders the objects for one environment, target and track.
@@ -188,6 +193,9 @@ pub fn render(profile: &Profile, request: &RenderRequest<'_>) -> Result<Vec<Valu
         .image
         .clone()
         .ok_or_else(|| RenderError::NoImage(request.env.to_string()))?;
+    if !app.dependencies.databases.is_empty() && request.authorization_url.is_none() {
+        return Err(RenderError::NoAuthorizationUrl(request.env.to_string()));
+    }
     let r = Renderer {
         app: &app,
         namespace: app.namespace(target),
@@ -434,8 +442,16 @@ impl Renderer<'_> {
         pod_labels.insert(labels::VERSION.into(), json!(version));
         pod_labels.insert(labels::TRAFFIC.into(), json!("online"));
         let mut pod_metadata = object([("labels", Value::Object(pod_labels))]);
-        if !self.app.metadata.annotations.is_empty() {
-            pod_metadata["annotations"] = json!(self.app.metadata.annotations);
+        // Profile annotations stay off the pods: editing them must not
+        // restart anything. `podAnnotations` is for what belongs on pods.
+        if let Some(annotations) = self
+            .app
+            .run
+            .pod_annotations
+            .as_ref()
+            .filter(|a| !a.is_empty())
+        {
+            pod_metadata["annotations"] = json!(annotations);
         }
         let replicas = self
             .app
@@ -492,8 +508,13 @@ impl Renderer<'_> {
             field("KEELSON_POD_UID", "metadata.uid"),
             field("KEELSON_POD_IP", "status.podIP"),
             field("KEELSON_NAMESPACE", "metadata.namespace"),
-            json!({"name": "KEELSON_HOOKS_DIR", "value": self.app.hooks_directory()}),
         ]
+    }
+
+    /// Where the app image keeps its hook scripts; the agent runs them in
+    /// place (the init container, on the agent image, never sees them).
+    fn hooks_dir_env(&self) -> Value {
+        json!({"name": "KEELSON_HOOKS_DIR", "value": self.app.hooks_directory()})
     }
 
     /// The app's own variables (and secrets), which hooks see too.
@@ -507,10 +528,28 @@ impl Renderer<'_> {
         for s in self.app.run.secrets.iter().flatten() {
             env.push(json!({"name": s.env, "valueFrom": {"secretKeyRef": {"name": s.secret, "key": s.key}}}));
         }
+        env
+    }
+
+    /// The app container's variables: the app's own, with keelson's JVM
+    /// flags (heap, debugger) put in front of any `JAVA_TOOL_OPTIONS` the
+    /// profile sets. Only the app's JVM gets them: a JVM that a hook starts
+    /// in the sidecar must not claim the heap or the debugger's port.
+    fn app_container_env(&self) -> Vec<Value> {
         let jvm = self.app.jvm_options();
-        if !jvm.is_empty() {
-            env.push(json!({"name": "JAVA_TOOL_OPTIONS", "value": jvm.join(" ")}));
+        let mut env = self.app_env();
+        if jvm.is_empty() {
+            return env;
         }
+        let mut options = jvm.join(" ");
+        if let Some(i) = env
+            .iter()
+            .position(|e| e["name"] == "JAVA_TOOL_OPTIONS" && e.get("value").is_some())
+        {
+            let own = env.remove(i);
+            options = format!("{options} {}", own["value"].as_str().unwrap_or_default());
+        }
+        env.push(json!({"name": "JAVA_TOOL_OPTIONS", "value": options}));
         env
     }
 
@@ -527,25 +566,46 @@ impl Renderer<'_> {
     }
 
     fn resources(&self) -> Value {
-        let mut out = json!({});
-        if let Some(r) = &self.app.run.resources {
-            for (key, amounts) in [("requests", &r.requests), ("limits", &r.limits)] {
-                let Some(a) = amounts else { continue };
-                let mut m = Map::new();
-                if let Some(cpu) = &a.cpu {
-                    m.insert("cpu".into(), json!(cpu.to_string()));
-                }
-                if let Some(memory) = &a.memory {
-                    m.insert("memory".into(), json!(memory.to_string()));
-                }
-                if !m.is_empty() {
-                    out[key] = Value::Object(m);
-                }
+        resources_json(self.app.run.resources.as_ref())
+    }
+
+    /// The sidecar runs preOnline and preOffline, so its size is the hooks'.
+    fn sidecar_resources(&self) -> Value {
+        let mut out = json!({
+            "requests": {"cpu": "10m", "memory": "16Mi"},
+            "limits": {"cpu": "500m", "memory": "128Mi"},
+        });
+        let own = resources_json(self.app.hooks().resources.as_ref());
+        for (kind, amounts) in own.as_object().into_iter().flatten() {
+            for (resource, amount) in amounts.as_object().into_iter().flatten() {
+                out[kind][resource] = amount.clone();
             }
         }
         out
     }
+}
 
+fn resources_json(resources: Option<&keelson_core::profile::Resources>) -> Value {
+    let mut out = json!({});
+    if let Some(r) = resources {
+        for (key, amounts) in [("requests", &r.requests), ("limits", &r.limits)] {
+            let Some(a) = amounts else { continue };
+            let mut m = Map::new();
+            if let Some(cpu) = &a.cpu {
+                m.insert("cpu".into(), json!(cpu.to_string()));
+            }
+            if let Some(memory) = &a.memory {
+                m.insert("memory".into(), json!(memory.to_string()));
+            }
+            if !m.is_empty() {
+                out[key] = Value::Object(m);
+            }
+        }
+    }
+    out
+}
+
+impl Renderer<'_> {
     fn pod_spec(&self, lifecycle: &Value, config: Option<&Value>) -> Value {
         let app = self.app;
         let probe_command = json!({"exec": {"command": [AGENT, "probe"]}});
@@ -556,8 +616,13 @@ impl Renderer<'_> {
         let mut startup = probe_command;
         startup["periodSeconds"] = json!(5);
         startup["timeoutSeconds"] = json!(5);
-        startup["failureThreshold"] =
-            json!(app.startup_timeout().as_secs_ceil().div_ceil(5).max(1));
+        // The entrypoint runs preStart before the app: its timeout is part
+        // of the start, or the kubelet would kill a long preStart.
+        let pre_start = app.hooks().pre_start.map_or(0, |h| {
+            h.timeout.unwrap_or(defaults::HOOK_TIMEOUT).as_secs_ceil()
+        });
+        let startup_budget = app.startup_timeout().as_secs_ceil() + pre_start;
+        startup["failureThreshold"] = json!(startup_budget.div_ceil(5).max(1));
 
         let mut app_mounts = self.mounts(false);
         if config.is_some() {
@@ -574,7 +639,18 @@ impl Renderer<'_> {
         let mut command = vec![AGENT.to_string(), "entrypoint".into(), "--".into()];
         command.extend(app.command().iter().cloned());
 
-        let env = [self.identity_env(), self.app_env()].concat();
+        let app_env = [
+            self.identity_env(),
+            vec![self.hooks_dir_env()],
+            self.app_container_env(),
+        ]
+        .concat();
+        let sidecar_env = [
+            self.identity_env(),
+            vec![self.hooks_dir_env()],
+            self.app_env(),
+        ]
+        .concat();
         let mut app_container = json!({
             "name": "app",
             "image": self.image,
@@ -582,7 +658,7 @@ impl Renderer<'_> {
             "command": command,
             "lifecycle": {"preStop": {"exec": {"command": [AGENT, "offline", "--wait"]}}},
         });
-        app_container["env"] = Value::Array(env.clone());
+        app_container["env"] = Value::Array(app_env);
         app_container["livenessProbe"] = liveness;
         app_container["startupProbe"] = startup;
         app_container["resources"] = self.resources();
@@ -591,24 +667,21 @@ impl Renderer<'_> {
             app_container["ports"] = Value::Array(ports);
         }
         let mut sidecar = json!({
-            "name": "keelson-sidecar",
-            "image": self.image,
-            "imagePullPolicy": "IfNotPresent",
-            "command": [AGENT, "sidecar", "--listen", format!("0.0.0.0:{SIDECAR_PORT}")],
-            "ports": [{"name": "keelson", "containerPort": SIDECAR_PORT, "protocol": "TCP"}],
-            "readinessProbe": {
-                "httpGet": {"path": "/ready", "port": SIDECAR_PORT},
-                "periodSeconds": 2,
-                "timeoutSeconds": 1,
-                "successThreshold": 1,
-                "failureThreshold": 1,
-            },
-            "resources": {
-                "requests": {"cpu": "10m", "memory": "16Mi"},
-                "limits": {"cpu": "200m", "memory": "64Mi"},
-            },
-        });
-        sidecar["env"] = Value::Array(env);
+        "name": "keelson-sidecar",
+        "image": self.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": [AGENT, "sidecar", "--listen", format!("0.0.0.0:{SIDECAR_PORT}")],
+        "ports": [{"name": "keelson", "containerPort": SIDECAR_PORT, "protocol": "TCP"}],
+        "readinessProbe": {
+            "httpGet": {"path": "/ready", "port": SIDECAR_PORT},
+            "periodSeconds": 2,
+            "timeoutSeconds": 1,
+            "successThreshold": 1,
+            "failureThreshold": 1,
+        },
+                });
+        sidecar["resources"] = self.sidecar_resources();
+        sidecar["env"] = Value::Array(sidecar_env);
         sidecar["volumeMounts"] = Value::Array(self.mounts(true));
         let mut init = json!({
             "name": "keelson-init",

@@ -99,21 +99,55 @@ fn write_scalar(out: &mut String, value: &Value, indent: usize) {
 fn literal_ok(s: &str) -> bool {
     !s.ends_with("\n\n")
         && !s.starts_with([' ', '\n'])
-        && s.lines()
-            .all(|l| !l.ends_with([' ', '\t']) && !l.contains('\r'))
-        && s.chars().all(|c| c == '\n' || c == '\t' || !c.is_control())
+        && s.lines().all(|l| !l.ends_with([' ', '\t']))
+        && s.chars()
+            .all(|c| c == '\n' || (printable(c) && !breaks_line(c)))
+}
+
+/// Characters YAML allows unescaped (its `c-printable`).
+fn printable(c: char) -> bool {
+    matches!(c, '\t' | '\u{20}'..='\u{7e}' | '\u{85}' | '\u{a0}'..='\u{d7ff}' | '\u{e000}'..='\u{fffd}' | '\u{10000}'..)
+        && c != '\u{feff}'
+}
+
+/// Characters a YAML parser reads as a line break or folds into a space.
+fn breaks_line(c: char) -> bool {
+    matches!(c, '\r' | '\u{85}' | '\u{2028}' | '\u{2029}')
 }
 
 fn scalar_string(s: &str) -> String {
     if plain_ok(s) {
         s.to_string()
     } else {
-        // JSON's string syntax is valid YAML double-quoted syntax.
-        serde_json::to_string(s).unwrap_or_default()
+        double_quoted(s)
     }
 }
 
-/// Whether `s` reads back as the same string when written plain.
+/// A YAML double-quoted scalar that reads back as exactly `s`: everything
+/// outside printable ASCII-safe text is escaped.
+fn double_quoted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            c if printable(c) && !breaks_line(c) => out.push(c),
+            c if (c as u32) <= 0xff => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if (c as u32) <= 0xffff => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push_str(&format!("\\U{:08x}", c as u32)),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Whether `s` reads back as the same string when written plain, under
+/// YAML 1.1 and 1.2 alike. Conservative: anything starting with a digit,
+/// sign or dot is quoted, so no number form (`0b1`, `0X1F`, `1e3`, `1:20`)
+/// can be misread.
 fn plain_ok(s: &str) -> bool {
     let Some(first) = s.chars().next() else {
         return false;
@@ -124,16 +158,8 @@ fn plain_ok(s: &str) -> bool {
     ]
     .iter()
     .any(|r| s.eq_ignore_ascii_case(r));
-    let numeric = (first.is_ascii_digit() || "-+.".contains(first))
-        && (s.parse::<f64>().is_ok()
-            || s.starts_with("0x")
-            || s.starts_with("0o")
-            || (s.chars().any(|c| c.is_ascii_digit())
-                && s.chars()
-                    .all(|c| c.is_ascii_digit() || "-+.:_eE".contains(c))));
     !reserved
-        && !numeric
-        && (first.is_ascii_alphanumeric() || first == '/' || first == '_' || first == '.')
+        && (first.is_ascii_alphabetic() || first == '/' || first == '_')
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_./=+@ ()$,".contains(c))
         && !s.ends_with(' ')
@@ -144,6 +170,18 @@ fn plain_ok(s: &str) -> bool {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn escapes_what_yaml_would_not_read_back() {
+        let doc = documents(&[json!({
+            "a": "0b101", "b": "0X1F", "c": "del\u{7f}", "d": "nel\u{85}x", "e": "ls\u{2028}x\nmore\n",
+            "f": "tab\there", "g": "quote\"back\\slash", "h": "bom\u{feff}", "i": "😀 ok",
+        })]);
+        assert_eq!(
+            doc,
+            "---\na: \"0b101\"\nb: \"0X1F\"\nc: \"del\\x7f\"\nd: \"nel\\x85x\"\ne: \"ls\\u2028x\\nmore\\n\"\nf: \"tab\\there\"\ng: \"quote\\\"back\\\\slash\"\nh: \"bom\\ufeff\"\ni: \"😀 ok\"\n"
+        );
+    }
 
     #[test]
     fn quotes_what_would_change_meaning() {

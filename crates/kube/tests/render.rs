@@ -342,3 +342,69 @@ fn bad_requests_are_errors() {
             .contains("its clusters: prod-a, prod-b")
     );
 }
+
+#[test]
+fn an_app_with_databases_needs_the_authorization_url() {
+    let mut r = request("prod", Track::Blue);
+    r.authorization_url = None;
+    let err = render(&example("orders"), &r).unwrap_err();
+    assert!(
+        err.to_string().contains("need keelson's authorization URL"),
+        "{err}"
+    );
+    assert!(
+        render(&example("hello"), &r).is_ok(),
+        "no databases, no grants needed"
+    );
+}
+
+#[test]
+fn only_the_app_container_gets_jvm_flags() {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/orders/app.yaml"),
+    )
+    .unwrap()
+    .replace(
+        "TZ: UTC",
+        "TZ: UTC\n    JAVA_TOOL_OPTIONS: \"-Dfile.encoding=UTF-8\"",
+    );
+    let profile = profile::parse(&text).unwrap();
+    let objects = render(&profile, &request("test", Track::Blue)).unwrap();
+    let pod = &one(&objects, "Deployment")["spec"]["template"]["spec"];
+    let env = |c: usize| pod["containers"][c]["env"].as_array().unwrap().clone();
+    let opts: Vec<Value> = env(0)
+        .into_iter()
+        .filter(|e| e["name"] == "JAVA_TOOL_OPTIONS")
+        .collect();
+    assert_eq!(
+        opts.len(),
+        1,
+        "one variable, keelson's flags first, then the profile's"
+    );
+    let value = opts[0]["value"].as_str().unwrap();
+    assert!(
+        value.starts_with("-Xms1g -Xmx1g") && value.ends_with("-Dfile.encoding=UTF-8"),
+        "{value}"
+    );
+    let sidecar: Vec<Value> = env(1)
+        .into_iter()
+        .filter(|e| e["name"] == "JAVA_TOOL_OPTIONS")
+        .collect();
+    assert_eq!(
+        sidecar[0]["value"], "-Dfile.encoding=UTF-8",
+        "hook JVMs get neither the heap nor the debugger"
+    );
+    let init = pod["initContainers"][0]["env"].as_array().unwrap();
+    assert!(
+        init.iter().all(|e| e["name"] != "KEELSON_HOOKS_DIR"),
+        "the agent image has no app hooks"
+    );
+}
+
+#[test]
+fn the_startup_probe_covers_pre_start() {
+    // startupTimeout 3m + preStart 60s = 240s in 5s periods.
+    let objects = render(&example("orders"), &request("prod", Track::Blue)).unwrap();
+    let app = &one(&objects, "Deployment")["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(app["startupProbe"]["failureThreshold"], 48);
+}

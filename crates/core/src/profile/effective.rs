@@ -115,7 +115,9 @@ overlay!(RunSpec {
         config,
         env,
         autoscaling,
-        debug
+        debug,
+        dependencies,
+        pod_annotations
     ],
     replace: [
         runtime,
@@ -143,7 +145,7 @@ overlay!(ResourceAmounts {
     replace: [cpu, memory]
 });
 overlay!(Hooks {
-    deep: [],
+    deep: [resources],
     replace: [directory, pre_start, pre_online, pre_offline]
 });
 overlay!(ReleaseSpec {
@@ -170,6 +172,26 @@ overlay!(Debug {
     replace: [jdwp, port]
 });
 
+/// Each list an environment names replaces the base's list.
+impl Overlay for Dependencies {
+    fn overlay(&mut self, over: &Self) {
+        let Dependencies {
+            databases,
+            apps,
+            middleware,
+        } = over;
+        if !databases.is_empty() {
+            self.databases.clone_from(databases);
+        }
+        if !apps.is_empty() {
+            self.apps.clone_from(apps);
+        }
+        if !middleware.is_empty() {
+            self.middleware.clone_from(middleware);
+        }
+    }
+}
+
 impl Profile {
     /// Names of the environments, sorted.
     pub fn environment_names(&self) -> Vec<&str> {
@@ -188,7 +210,7 @@ impl Profile {
             metadata: self.metadata.clone(),
             team: self.spec.team.clone(),
             owners: self.spec.owners.clone(),
-            dependencies: self.spec.dependencies.clone().unwrap_or_default(),
+            dependencies: run.dependencies.clone().unwrap_or_default(),
             targets: environment.targets.clone(),
             replicas: environment.replicas.unwrap_or(1),
             run,
@@ -289,8 +311,12 @@ impl EffectiveApp {
             let c = self.checkurl();
             format!("http({}, {:?}) == {}", c.port, c.path, c.expected_status)
         });
+        // Parsed, not searched: a string literal may mention the function.
+        let watches_debugger = |port| {
+            crate::probe::Expr::parse(&base).is_ok_and(|e| e.debugger_ports().contains(&port))
+        };
         match self.jdwp_port() {
-            Some(port) if !base.contains("debugger_attached") => {
+            Some(port) if !watches_debugger(port) => {
                 format!("({base}) || debugger_attached({port})")
             }
             _ => base,

@@ -79,7 +79,7 @@ pub fn json_schema() -> serde_json::Value {
 
 /// Parses and validates a profile written in YAML (or JSON).
 pub fn parse(text: &str) -> Result<Profile, ValidationErrors> {
-    let tree = yaml::parse(text).map_err(|e| ValidationErrors {
+    let parsed = yaml::parse(text).map_err(|e| ValidationErrors {
         errors: vec![FieldError {
             path: String::new(),
             message: format!("not valid YAML: {}", e.message),
@@ -87,12 +87,19 @@ pub fn parse(text: &str) -> Result<Profile, ValidationErrors> {
             column: e.mark.column,
         }],
     })?;
+    let tree = parsed.root;
     // Generated once: the types do not change while the process runs.
     static SCHEMA: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
     let schema = SCHEMA.get_or_init(json_schema);
     let mut walker = walk::Walker::new(schema);
     let pruned = walker.walk(&tree, schema, &walk::Path::Root);
     let mut errors = walker.errors;
+    errors.extend(parsed.problems.into_iter().map(|p| FieldError {
+        path: p.path,
+        message: p.message,
+        line: p.mark.line,
+        column: p.mark.column,
+    }));
     let profile = pruned.and_then(|json| match serde_json::from_value::<Profile>(json) {
         Ok(p) => Some(p),
         // Only reachable when a required field was missing or invalid, and

@@ -47,8 +47,8 @@ pub struct Metadata {
     pub annotations: BTreeMap<String, String>,
 }
 
-/// The app's spec. Every field but `team`, `owners`, `description`,
-/// `dependencies` and `environments` can be overridden per environment.
+/// The app's spec. Every field but `team`, `owners`, `description` and
+/// `environments` can be overridden per environment.
 // serde's deny_unknown_fields does not work with flatten; unknown fields are
 // caught by the schema walk, which sees `additionalProperties: false`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -64,9 +64,6 @@ pub struct AppSpec {
     /// What the app does, in a sentence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
-    /// Other apps, databases and middleware the app needs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dependencies: Option<Dependencies>,
     /// Where the app runs and what differs there.
     #[serde(default)]
     pub environments: BTreeMap<String, Environment>,
@@ -128,6 +125,13 @@ pub struct RunSpec {
     /// Environment variables taken from Kubernetes Secrets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secrets: Option<Vec<SecretRef>>,
+    /// Other apps, databases and middleware the app needs (an environment
+    /// usually names its own database hosts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dependencies: Option<Dependencies>,
+    /// Annotations on the pods only (changing them restarts the pods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_annotations: Option<BTreeMap<String, String>>,
     /// Horizontal autoscaling.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<Autoscaling>,
@@ -275,6 +279,10 @@ pub struct Hooks {
     /// Directory of the hook scripts inside the app image or artifact (default `/app/hooks`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub directory: Option<String>,
+    /// Resources of the sidecar, where preOnline and preOffline run
+    /// (default: requests 10m/16Mi, limits 500m/128Mi).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
     /// Before the app starts, in the app container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pre_start: Option<Hook>,

@@ -15,6 +15,10 @@ use crate::probe::Expr;
 pub const MAX_APP_NAME: usize = 40;
 /// Longest environment name.
 pub const MAX_ENV_NAME: usize = 20;
+/// The port the sidecar serves `/ready` and `/state` on, in every pod.
+pub const SIDECAR_PORT: u16 = 8901;
+/// Container port names keelson uses itself.
+pub const RESERVED_PORT_NAMES: &[&str] = &["jdwp", "keelson"];
 /// Largest total size of config files (a ConfigMap holds at most 1 MiB).
 const MAX_CONFIG_BYTES: usize = 900 * 1024;
 /// Privileges an instance may be granted on a schema.
@@ -111,7 +115,7 @@ pub(super) fn check(profile: &Profile, tree: &super::yaml::Node) -> Vec<FieldErr
             r.at(format!("spec.owners[{i}]"), "an owner must not be empty");
         }
     }
-    check_dependencies(&mut r, spec.dependencies.as_ref());
+
     if spec.environments.is_empty() {
         r.at("spec.environments", "at least one environment is required, e.g. `prod: {targets: [{cluster: prod-a}], replicas: 3}`");
     }
@@ -202,22 +206,22 @@ fn check_environment(r: &mut Report<'_>, base: &str, environment: &Environment) 
     }
 }
 
-fn check_dependencies(r: &mut Report<'_>, dependencies: Option<&Dependencies>) {
-    let Some(d) = dependencies else { return };
+fn check_dependencies(r: &mut Report<'_>, app: &EffectiveApp, origin: &Origin<'_>) {
+    let d = &app.dependencies;
     let mut names = BTreeSet::new();
     for (i, db) in d.databases.iter().enumerate() {
-        let path = format!("spec.dependencies.databases[{i}]");
+        let rel = format!("dependencies.databases[{i}]");
         if !names.insert(&db.name) {
             r.at(
-                format!("{path}.name"),
+                origin(r, &format!("{rel}.name")),
                 format!("database `{}` is listed twice", db.name),
             );
         }
         if let Err(e) = dns_subdomain(&db.host) {
-            r.at(format!("{path}.host"), e);
+            r.at(origin(r, &format!("{rel}.host")), e);
         }
         if db.port == Some(0) {
-            r.at(format!("{path}.port"), "port must be 1 to 65535");
+            r.at(origin(r, &format!("{rel}.port")), "port must be 1 to 65535");
         }
         if db.schema.is_empty()
             || db.schema.len() > 64
@@ -227,13 +231,13 @@ fn check_dependencies(r: &mut Report<'_>, dependencies: Option<&Dependencies>) {
                 .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
         {
             r.at(
-                format!("{path}.schema"),
+                origin(r, &format!("{rel}.schema")),
                 "a schema name is 1 to 64 letters, digits, `_` or `$`",
             );
         }
         if db.privileges.is_empty() {
             r.at(
-                format!("{path}.privileges"),
+                origin(r, &format!("{rel}.privileges")),
                 format!(
                     "at least one privilege is required, from: {}",
                     DATABASE_PRIVILEGES.join(", ")
@@ -243,7 +247,7 @@ fn check_dependencies(r: &mut Report<'_>, dependencies: Option<&Dependencies>) {
         for (j, p) in db.privileges.iter().enumerate() {
             if !DATABASE_PRIVILEGES.contains(&p.as_str()) {
                 r.at(
-                    format!("{path}.privileges[{j}]"),
+                    origin(r, &format!("{rel}.privileges[{j}]")),
                     format!(
                         "`{p}` is not a privilege keelson grants; valid: {}",
                         DATABASE_PRIVILEGES.join(", ")
@@ -252,14 +256,14 @@ fn check_dependencies(r: &mut Report<'_>, dependencies: Option<&Dependencies>) {
             }
         }
     }
-    for (i, app) in d.apps.iter().enumerate() {
-        if let Err(e) = app_name(app) {
-            r.at(format!("spec.dependencies.apps[{i}]"), e);
+    for (i, name) in d.apps.iter().enumerate() {
+        if let Err(e) = app_name(name) {
+            r.at(origin(r, &format!("dependencies.apps[{i}]")), e);
         }
     }
     for (i, m) in d.middleware.iter().enumerate() {
         if let Err(e) = dns_label(&m.name, 63) {
-            r.at(format!("spec.dependencies.middleware[{i}].name"), e);
+            r.at(origin(r, &format!("dependencies.middleware[{i}].name")), e);
         }
     }
 }
@@ -334,6 +338,43 @@ fn check_effective(r: &mut Report<'_>, app: &EffectiveApp) {
         }
     }
 
+    // The pod's network namespace is shared: the sidecar's listener and the
+    // debugger take their ports, and the container's port names are unique.
+    let debug_port = app.jdwp_port();
+    for (i, p) in ports.iter().enumerate() {
+        let rel = format!("ports[{i}]");
+        if RESERVED_PORT_NAMES.contains(&p.name.as_str()) {
+            r.at(
+                origin(r, &format!("{rel}.name")),
+                format!(
+                    "`{}` is reserved for keelson's own ports; choose another name",
+                    p.name
+                ),
+            );
+        }
+        if p.port == SIDECAR_PORT {
+            r.at(
+                origin(r, &format!("{rel}.port")),
+                format!("port {SIDECAR_PORT} is the keelson sidecar's; choose another"),
+            );
+        }
+        if debug_port == Some(p.port) {
+            r.at(
+                origin(r, "debug.port"),
+                format!(
+                    "port {} is the app's `{}` port; the debugger needs its own",
+                    p.port, p.name
+                ),
+            );
+        }
+    }
+    if debug_port == Some(SIDECAR_PORT) {
+        r.at(
+            origin(r, "debug.port"),
+            format!("port {SIDECAR_PORT} is the keelson sidecar's; choose another"),
+        );
+    }
+
     match &run.checkurl {
         None => r.at(
             origin(r, "checkurl"),
@@ -379,14 +420,17 @@ fn check_effective(r: &mut Report<'_>, app: &EffectiveApp) {
                     format!("{s} is not an HTTP status; expected 100 to 599"),
                 );
             }
-            for (field, d) in [("timeout", c.timeout), ("interval", c.interval)] {
-                if let Some(d) = d
-                    && d.as_millis() < 1000
-                {
-                    r.at(
+            for (field, d, max) in [("timeout", c.timeout, 60), ("interval", c.interval, 300)] {
+                match d {
+                    Some(d) if d.as_millis() < 1000 => r.at(
                         origin(r, &format!("checkurl.{field}")),
                         "must be at least 1s",
-                    );
+                    ),
+                    Some(d) if d.as_secs_ceil() > max => r.at(
+                        origin(r, &format!("checkurl.{field}")),
+                        format!("{d} is too long; at most {max}s"),
+                    ),
+                    _ => {}
                 }
             }
         }
@@ -418,6 +462,7 @@ fn check_effective(r: &mut Report<'_>, app: &EffectiveApp) {
         r.at(origin(r, "startupTimeout"), "must be at least 1s");
     }
 
+    check_dependencies(r, app, &origin);
     check_resources(r, app, &origin);
     check_hooks(r, app, &origin);
     check_release(r, app, &origin);
@@ -508,7 +553,7 @@ fn check_resources(r: &mut Report<'_>, app: &EffectiveApp, origin: &Origin<'_>) 
                     mib(limit.0.amount()),
                     mib(floor),
                     mib(heap),
-                    mib(heap * u64::from(headroom) / 100),
+                    mib(heap.saturating_mul(u64::from(headroom)) / 100),
                     mib(off_heap)
                 ),
             ),
@@ -635,14 +680,9 @@ fn check_env(r: &mut Report<'_>, app: &EffectiveApp, origin: &Origin<'_>) {
     }
     if let Some(config) = &app.run.config {
         if let Some(p) = &config.mount_path
-            && (!p.starts_with('/')
-                || p.starts_with("/keelson/") && p != "/keelson/app-config"
-                || p == "/keelson")
+            && let Err(e) = mount_path(p, &app.hooks_directory())
         {
-            r.at(
-                origin(r, "config.mountPath"),
-                "an absolute path outside /keelson, e.g. /app/config",
-            );
+            r.at(origin(r, "config.mountPath"), e);
         }
         let mut total = 0;
         for (name, content) in &config.files {
@@ -655,6 +695,32 @@ fn check_env(r: &mut Report<'_>, app: &EffectiveApp, origin: &Origin<'_>) {
             r.at(origin(r, "config.files"), format!("the files add up to {total} bytes; at most {MAX_CONFIG_BYTES} fit in a ConfigMap"));
         }
     }
+}
+
+/// A directory to mount config files on: absolute, clean, not `/`, and not
+/// over keelson's own mounts or the hooks.
+fn mount_path(p: &str, hooks: &str) -> Result<(), String> {
+    let clean = p.trim_end_matches('/');
+    let segments_ok = p.starts_with('/')
+        && clean
+            .split('/')
+            .skip(1)
+            .all(|s| !s.is_empty() && s != "." && s != "..");
+    let hint = "an absolute path such as /app/config, without `.` or `..`, outside /keelson and the hooks directory";
+    if !segments_ok || clean.is_empty() {
+        return Err(format!("`{p}` is not valid: {hint}"));
+    }
+    let overlaps = |other: &str| {
+        clean == other
+            || clean.starts_with(&format!("{other}/"))
+            || other.starts_with(&format!("{clean}/"))
+    };
+    if (overlaps("/keelson") && clean != "/keelson/app-config")
+        || overlaps(hooks.trim_end_matches('/'))
+    {
+        return Err(format!("`{p}` overlaps keelson's own files: {hint}"));
+    }
+    Ok(())
 }
 
 fn check_autoscaling(r: &mut Report<'_>, app: &EffectiveApp, origin: &Origin<'_>) {
@@ -697,7 +763,17 @@ fn check_autoscaling(r: &mut Report<'_>, app: &EffectiveApp, origin: &Origin<'_>
         }
     }
     if let Some(c) = &a.custom
+        && c.target.0.amount() == 0
+    {
+        r.at(
+            origin(r, "autoscaling.custom.target"),
+            "the target must be above 0",
+        );
+    }
+    if let Some(c) = &a.custom
         && (c.metric.is_empty()
+            || c.metric == "."
+            || c.metric == ".."
             || c.metric.len() > 253
             || !c
                 .metric
@@ -793,7 +869,7 @@ fn config_key(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 253
         && name != "."
-        && name != ".."
+        && !name.starts_with("..")
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
@@ -801,7 +877,7 @@ fn config_key(name: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "`{name}` is not a valid file name: letters, digits, `-`, `_` and `.`"
+            "`{name}` is not a valid file name: letters, digits, `-`, `_` and `.`, not starting with `..`"
         ))
     }
 }

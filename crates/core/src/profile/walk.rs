@@ -25,6 +25,10 @@ const REFUSED_FIELDS: &[(&str, &str)] = &[
         "preStop",
         "preStop is not supported: keelson renders the preStop itself to take the instance out of traffic first; use preOffline",
     ),
+    (
+        "<<",
+        "YAML merge keys (`<<`) are not supported; write the fields out, or put what differs per environment under `environments`",
+    ),
 ];
 
 pub(super) struct Walker<'s> {
@@ -229,7 +233,12 @@ impl<'s> Walker<'s> {
                         .get(name)
                         .and_then(|p| self.resolve(p).get("description"))
                         .and_then(Json::as_str)
-                        .map(|d| format!(" ({})", d.trim_end_matches('.')))
+                        .map(|d| {
+                            format!(
+                                " ({})",
+                                d.lines().next().unwrap_or_default().trim_end_matches('.')
+                            )
+                        })
                         .unwrap_or_default();
                     self.error(
                         &Path::Key(path, name),

@@ -6,6 +6,8 @@ use std::collections::HashMap;
 
 use saphyr_parser::{Event, Parser, ScalarStyle, Span};
 
+use super::walk::Path;
+
 /// Where a node starts: 1-based line and column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Mark {
@@ -83,28 +85,57 @@ pub struct SyntaxError {
     pub message: String,
 }
 
+/// A problem that does not stop parsing (the rest of the document is still
+/// checked), with the path of the field.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    /// The field's dotted path.
+    pub path: String,
+    /// Where.
+    pub mark: Mark,
+    /// What.
+    pub message: String,
+}
+
+/// A parsed document and the problems found on the way.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parsed {
+    /// The document's root node.
+    pub root: Node,
+    /// Duplicate keys; the first occurrence was kept.
+    pub problems: Vec<Problem>,
+}
+
 /// Most nodes a document may expand to (aliases included), so that a small
 /// hostile file cannot make the parser allocate without bound.
 const MAX_NODES: usize = 200_000;
-/// Deepest nesting accepted.
+/// Deepest nesting accepted, aliases expanded.
 const MAX_DEPTH: usize = 64;
 
 /// Parses exactly one YAML document.
-pub fn parse(text: &str) -> Result<Node, SyntaxError> {
+pub fn parse(text: &str) -> Result<Parsed, SyntaxError> {
     let mut builder = Builder {
         parser: Parser::new_from_str(text),
         anchors: HashMap::new(),
         nodes: 0,
         last: Mark { line: 1, column: 1 },
+        problems: Vec::new(),
     };
-    builder.document()
+    let root = builder.document()?;
+    Ok(Parsed {
+        root,
+        problems: builder.problems,
+    })
 }
 
 struct Builder<'a> {
     parser: Parser<'a, saphyr_parser::StrInput<'a>>,
-    anchors: HashMap<usize, Node>,
+    /// Anchored nodes with their height, so an alias cannot nest deeper than
+    /// the limit by expanding.
+    anchors: HashMap<usize, (Node, usize)>,
     nodes: usize,
     last: Mark,
+    problems: Vec<Problem>,
 }
 
 impl<'a> Builder<'a> {
@@ -146,7 +177,7 @@ impl<'a> Builder<'a> {
                         ));
                     }
                     let (event, mark) = self.next()?;
-                    root = Some(self.node(event, mark, 0)?);
+                    root = Some(self.node(event, mark, 0, &Path::Root)?);
                 }
                 Event::StreamEnd => {
                     return root.ok_or_else(|| self.error(mark, "the file is empty"));
@@ -167,25 +198,34 @@ impl<'a> Builder<'a> {
         Ok(())
     }
 
-    fn node(&mut self, event: Event<'a>, mark: Mark, depth: usize) -> Result<Node, SyntaxError> {
+    fn too_deep(&self, mark: Mark) -> SyntaxError {
+        self.error(mark, format!("nesting is deeper than {MAX_DEPTH} levels"))
+    }
+
+    fn node(
+        &mut self,
+        event: Event<'a>,
+        mark: Mark,
+        depth: usize,
+        path: &Path<'_>,
+    ) -> Result<Node, SyntaxError> {
         if depth > MAX_DEPTH {
-            return Err(self.error(mark, format!("nesting is deeper than {MAX_DEPTH} levels")));
+            return Err(self.too_deep(mark));
         }
         self.count(mark, 1)?;
-        let (node, anchor) = match event {
+        let (value, anchor) = match event {
             Event::Scalar(text, style, anchor, tag) => {
-                let scalar = if tag.is_some() || style != ScalarStyle::Plain {
-                    Scalar::Str(text.into_owned())
-                } else {
-                    plain_scalar(&text)
+                let scalar = match tag.as_deref() {
+                    // The core schema's tags say the type outright.
+                    Some(t) if t.is_yaml_core_schema() && t.suffix == "str" => {
+                        Scalar::Str(text.into_owned())
+                    }
+                    Some(t) if t.is_yaml_core_schema() => plain_scalar(&text),
+                    _ if style != ScalarStyle::Plain => Scalar::Str(text.into_owned()),
+                    Some(_) => Scalar::Str(text.into_owned()),
+                    None => plain_scalar(&text),
                 };
-                (
-                    Node {
-                        mark,
-                        value: Value::Scalar(scalar),
-                    },
-                    anchor,
-                )
+                (Value::Scalar(scalar), anchor)
             }
             Event::SequenceStart(anchor, _) => {
                 let mut items = Vec::new();
@@ -194,63 +234,86 @@ impl<'a> Builder<'a> {
                     if matches!(event, Event::SequenceEnd) {
                         break;
                     }
-                    items.push(self.node(event, item_mark, depth + 1)?);
+                    let item_path = Path::Index(path, items.len());
+                    items.push(self.node(event, item_mark, depth + 1, &item_path)?);
                 }
-                (
-                    Node {
-                        mark,
-                        value: Value::Seq(items),
-                    },
-                    anchor,
-                )
+                (Value::Seq(items), anchor)
             }
-            Event::MappingStart(anchor, _) => {
-                let mut entries: Vec<(String, Mark, Node)> = Vec::new();
-                loop {
-                    let (event, key_mark) = self.next()?;
-                    if matches!(event, Event::MappingEnd) {
-                        break;
-                    }
-                    let key_node = self.node(event, key_mark, depth + 1)?;
-                    let key = match key_node.value {
-                        Value::Scalar(Scalar::Str(s)) => s,
-                        Value::Scalar(Scalar::Int(i)) => i.to_string(),
-                        Value::Scalar(Scalar::Bool(b)) => b.to_string(),
-                        Value::Scalar(Scalar::Float(f)) => f.to_string(),
-                        Value::Scalar(Scalar::Null) => "null".to_string(),
-                        _ => return Err(self.error(key_mark, "mapping keys must be plain strings")),
-                    };
-                    if entries.iter().any(|(k, _, _)| *k == key) {
-                        return Err(self.error(key_mark, format!("duplicate key `{key}`")));
-                    }
-                    let (event, value_mark) = self.next()?;
-                    let value = self.node(event, value_mark, depth + 1)?;
-                    entries.push((key, key_mark, value));
-                }
-                (
-                    Node {
-                        mark,
-                        value: Value::Map(entries),
-                    },
-                    anchor,
-                )
-            }
+            Event::MappingStart(anchor, _) => (Value::Map(self.mapping(depth, path)?), anchor),
             Event::Alias(id) => {
-                let node = self
+                let (node, height) = self
                     .anchors
                     .get(&id)
                     .cloned()
                     .ok_or_else(|| self.error(mark, "alias to an unknown anchor"))?;
-                let size = node_count(&node);
-                self.count(mark, size)?;
+                if depth + height > MAX_DEPTH {
+                    return Err(self.too_deep(mark));
+                }
+                self.count(mark, node_count(&node))?;
                 return Ok(node);
             }
             _ => return Err(self.error(mark, "unexpected YAML event")),
         };
+        let node = Node { mark, value };
         if anchor != 0 {
-            self.anchors.insert(anchor, node.clone());
+            self.anchors
+                .insert(anchor, (node.clone(), node_height(&node)));
         }
         Ok(node)
+    }
+
+    /// The entries of a mapping. Keys keep their text as written (`1.10`
+    /// stays `1.10`); a key set twice is a problem, and its first value wins.
+    fn mapping(
+        &mut self,
+        depth: usize,
+        path: &Path<'_>,
+    ) -> Result<Vec<(String, Mark, Node)>, SyntaxError> {
+        let mut entries: Vec<(String, Mark, Node)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        loop {
+            let (event, key_mark) = self.next()?;
+            let key = match event {
+                Event::MappingEnd => return Ok(entries),
+                Event::Scalar(text, ..) => text.into_owned(),
+                Event::Alias(id) => match self.anchors.get(&id) {
+                    Some((
+                        Node {
+                            value: Value::Scalar(Scalar::Str(s)),
+                            ..
+                        },
+                        _,
+                    )) => s.clone(),
+                    _ => return Err(self.error(key_mark, "mapping keys must be plain strings")),
+                },
+                _ => return Err(self.error(key_mark, "mapping keys must be plain strings")),
+            };
+            let (event, value_mark) = self.next()?;
+            let value = self.node(event, value_mark, depth + 1, &Path::Key(path, &key))?;
+            if !seen.insert(key.clone()) {
+                self.problems.push(Problem {
+                    path: Path::Key(path, &key).to_string(),
+                    mark: key_mark,
+                    message: format!("`{key}` is set twice in this mapping; remove one"),
+                });
+                continue;
+            }
+            entries.push((key, key_mark, value));
+        }
+    }
+}
+
+fn node_height(node: &Node) -> usize {
+    match &node.value {
+        Value::Scalar(_) => 0,
+        Value::Seq(items) => 1 + items.iter().map(node_height).max().unwrap_or(0),
+        Value::Map(entries) => {
+            1 + entries
+                .iter()
+                .map(|(_, _, v)| node_height(v))
+                .max()
+                .unwrap_or(0)
+        }
     }
 }
 
@@ -333,49 +396,97 @@ pub fn to_json(node: &Node) -> serde_json::Value {
 mod tests {
     use super::*;
 
+    fn root(text: &str) -> Node {
+        parse(text).unwrap().root
+    }
+
     #[test]
     fn marks_and_types() {
-        let doc =
-            parse("a: 1\nb:\n  - \"x\"\n  - true\n  - 1.5\n  - ~\n  - 0x1f\nc: 08\n").unwrap();
+        let doc = root("a: 1\nb:\n  - \"x\"\n  - true\n  - 1.5\n  - ~\n  - 0x1f\nc: 08\n");
         let Value::Map(entries) = &doc.value else {
             panic!()
         };
         assert_eq!(entries[0].1, Mark { line: 1, column: 1 });
         assert_eq!(entries[1].2.mark.line, 3);
-        let json = to_json(&doc);
         assert_eq!(
-            json,
+            to_json(&doc),
             serde_json::json!({"a": 1, "b": ["x", true, 1.5, null, 31], "c": 8})
         );
     }
 
     #[test]
-    fn rejects_duplicates_and_second_documents() {
-        assert!(
-            parse("a: 1\na: 2\n")
-                .unwrap_err()
-                .message
-                .contains("duplicate key `a`")
+    fn duplicate_keys_are_problems_with_paths() {
+        let dup = parse("a: 1\nb: {c: 2, c: 3}\na: 2\n").unwrap();
+        assert_eq!(
+            to_json(&dup.root),
+            serde_json::json!({"a": 1, "b": {"c": 2}})
         );
-        assert!(
-            parse("a: 1\n---\nb: 2\n")
-                .unwrap_err()
-                .message
-                .contains("one document")
-        );
+        let paths: Vec<&str> = dup.problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, ["b.c", "a"]);
+        assert_eq!(dup.problems[1].mark, Mark { line: 3, column: 1 });
+    }
+
+    #[test]
+    fn one_document_per_file() {
+        let second = parse("a: 1\n---\nb: 2\n").unwrap_err();
+        assert!(second.message.contains("one document"));
         assert_eq!(parse("").unwrap_err().message, "the file is empty");
     }
 
     #[test]
+    fn many_keys_parse_in_linear_time() {
+        let text: String = (0..50_000).map(|i| format!("k{i}: {i}\n")).collect();
+        let doc = root(&text);
+        let Value::Map(entries) = doc.value else {
+            panic!()
+        };
+        assert_eq!(entries.len(), 50_000);
+    }
+
+    #[test]
     fn aliases_expand_within_bounds() {
-        let doc = parse("a: &x [1, 2]\nb: *x\n").unwrap();
+        let doc = root("a: &x [1, 2]\nb: *x\n");
         assert_eq!(to_json(&doc), serde_json::json!({"a": [1, 2], "b": [1, 2]}));
         let mut bomb = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
         for i in 1..12 {
             let p = i - 1;
-            bomb.push_str(&format!("a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"));
+            bomb.push_str(&format!(
+                "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+            ));
         }
         assert!(parse(&bomb).unwrap_err().message.contains("more than"));
+    }
+
+    #[test]
+    fn aliases_cannot_nest_past_the_limit() {
+        let mut text = String::new();
+        for i in 0..80 {
+            let inner = if i == 0 {
+                "x".to_string()
+            } else {
+                format!("*a{}", i - 1)
+            };
+            text.push_str(&format!(
+                "a{i}: &a{i} {}{inner}{}\n",
+                "[".repeat(30),
+                "]".repeat(30)
+            ));
+        }
+        assert!(
+            parse(&text)
+                .unwrap_err()
+                .message
+                .contains("nesting is deeper")
+        );
+    }
+
+    #[test]
+    fn keys_keep_their_text_and_core_tags_apply() {
+        let doc = root("1.10: a\n0x10: b\nn: !!int \"2\"\ns: !!str 3\nt: !custom 4\n");
+        assert_eq!(
+            to_json(&doc),
+            serde_json::json!({"1.10": "a", "0x10": "b", "n": 2, "s": "3", "t": "4"})
+        );
     }
 
     #[test]
