@@ -212,6 +212,9 @@ fn run(s: &Scenario) -> Result<Run, TestCaseError> {
             };
             let t = sim.feed(event.clone());
             prop_assert_eq!(&step(&before, &input), &t, "not deterministic");
+            let mut in_place = before.clone();
+            prop_assert_eq!(in_place.apply(&input).ok(), Some(t.actions.clone()));
+            prop_assert_eq!(&in_place, &t.release, "apply differs from step");
             if matches!(event, Event::Done { .. } | Event::Instance(_) | Event::Tick) {
                 let again = step(&t.release, &input);
                 prop_assert_eq!(

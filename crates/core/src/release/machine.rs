@@ -262,13 +262,34 @@ fn records(plan: &ReleasePlan) -> Vec<InstanceOutcome> {
 /// Applies one input to a release.
 pub fn step(release: &Release, input: &Input) -> Transition {
     let mut r = release.clone();
+    match r.apply(input) {
+        Ok(actions) => Transition {
+            release: r,
+            actions,
+            rejected: None,
+        },
+        Err(why) => Transition {
+            release: release.clone(),
+            actions: Vec::new(),
+            rejected: Some(why),
+        },
+    }
+}
+
+impl Release {
+    /// [`step`] in place, for an engine that keeps the release in memory
+    /// (a clone per event costs more than the step itself for thousands of
+    /// instances). Returns the actions, or why a user's request does not
+    /// apply; then the release is unchanged.
+    pub fn apply(&mut self, input: &Input) -> Result<Vec<Action>, String> {
+        apply_input(self, input)
+    }
+}
+
+fn apply_input(r: &mut Release, input: &Input) -> Result<Vec<Action>, String> {
     let mut out = Vec::new();
     let now = input.now;
-    let reject = |why: String| Transition {
-        release: release.clone(),
-        actions: Vec::new(),
-        rejected: Some(why),
-    };
+    let reject = Err::<Vec<Action>, String>;
     match &input.event {
         Event::Start => {
             if r.status == Status::Pending {
@@ -277,11 +298,11 @@ pub fn step(release: &Release, input: &Input) -> Transition {
                 };
             }
         }
-        Event::Instance(event) => observe(&mut r, event, now),
+        Event::Instance(event) => observe(r, event, now),
         Event::Done { step } => {
             if let Some(i) = r.pending.iter().position(|a| a.id == *step) {
                 let action = r.pending.remove(i);
-                apply_done(&mut r, &action.command);
+                apply_done(r, &action.command);
             }
         }
         Event::ActionFailed { step, error } => {
@@ -291,7 +312,7 @@ pub fn step(release: &Release, input: &Input) -> Transition {
                     r.status,
                     Status::Running { .. } | Status::Paused { .. } | Status::Pausing { .. }
                 ) {
-                    fail(&mut r, format!("step {step} failed: {error}"), &mut out);
+                    fail(r, format!("step {step} failed: {error}"), &mut out);
                 }
             }
         }
@@ -326,12 +347,8 @@ pub fn step(release: &Release, input: &Input) -> Transition {
             let keep_online = *keep_online || r.phase == Phase::Rollback;
             let at = match r.status {
                 Status::Pending => {
-                    finish(&mut r, Status::Aborted { keep_online }, &mut out);
-                    return Transition {
-                        release: r,
-                        actions: out,
-                        rejected: None,
-                    };
+                    finish(r, Status::Aborted { keep_online }, &mut out);
+                    return Ok(out);
                 }
                 Status::Running { at } | Status::Paused { at, .. } => Some(at),
                 Status::Pausing { .. } | Status::RollingBack => None,
@@ -361,12 +378,8 @@ pub fn step(release: &Release, input: &Input) -> Transition {
             }
         }
     }
-    drive(&mut r, now, &mut out);
-    Transition {
-        release: r,
-        actions: out,
-        rejected: None,
-    }
+    drive(r, now, &mut out);
+    Ok(out)
 }
 
 /// Moves the release as far as it can go without new input.
@@ -683,12 +696,15 @@ fn stage_satisfied(r: &Release, at: Cursor) -> bool {
     match &r.plan.batches[at.batch as usize].stages[at.stage as usize] {
         Stage::WaitOnline {
             awaited: Awaited::Instances(ids),
-        } => ids.iter().all(|id| {
-            r.outcomes.iter().any(|o| {
-                o.instance == *id
-                    && matches!(o.state, OutcomeState::Online | OutcomeState::Tolerated)
-            })
-        }),
+        } => {
+            let done: BTreeSet<&InstanceId> = r
+                .outcomes
+                .iter()
+                .filter(|o| matches!(o.state, OutcomeState::Online | OutcomeState::Tolerated))
+                .map(|o| &o.instance)
+                .collect();
+            ids.iter().all(|id| done.contains(id))
+        }
         Stage::WaitOnline {
             awaited: Awaited::Track { track, online },
         } => {
@@ -751,7 +767,7 @@ fn time_out(r: &mut Release, at: Cursor) -> bool {
     let awaited_ids = match &stage {
         Stage::WaitOnline {
             awaited: Awaited::Instances(ids),
-        } => Some(ids.clone()),
+        } => Some(ids.iter().cloned().collect::<BTreeSet<_>>()),
         _ => None,
     };
     let mut blamed = false;
@@ -1004,6 +1020,7 @@ fn apply_done(r: &mut Release, command: &Command) {
     match (&mut r.fleet, command) {
         (Fleet::Hosts { instances }, command) => {
             let mut set = |ids: &[InstanceId], f: &dyn Fn(&mut HostInstance)| {
+                let ids: BTreeSet<&InstanceId> = ids.iter().collect();
                 for i in instances.iter_mut().filter(|i| ids.contains(&i.id)) {
                     f(i);
                 }
@@ -1129,11 +1146,11 @@ fn abort_actions(r: &Release, keep_online: bool, at: Option<Cursor>) -> Vec<(Ste
     let mut actions = Vec::new();
     let id = |n: usize, target: &str| r.step_id(Phase::Abort, batch, n as u32, target, 1);
     let current = at.and_then(|c| r.plan.batches.get(c.batch as usize).map(|b| (c, b)));
-    let started: Vec<InstanceId> = r
+    let started: BTreeSet<&InstanceId> = r
         .outcomes
         .iter()
         .filter(|o| o.state != OutcomeState::Waiting)
-        .map(|o| o.instance.clone())
+        .map(|o| &o.instance)
         .collect();
     match &r.fleet {
         Fleet::Hosts { instances } => {
