@@ -31,6 +31,23 @@
 //! and journals its steps under the `rollback` phase so that step ids never
 //! collide with the forward ones.
 //!
+//! Choices worth knowing:
+//! - A failed release stops where it is and leaves every instance as it
+//!   is; only an abort takes the release's new instances out of traffic.
+//! - Hosts have fixed slots: the desired count is the number of slots, and
+//!   dual-deployment runs the new version on the slot's other track.
+//! - Kubernetes pods are anonymous to the plan: it counts them per track and
+//!   records outcomes per position (`green#3`), linking pods to positions as
+//!   they are reported. A scale-down is done only once its pods are reported
+//!   gone, so that stale pods are never counted as capacity.
+//! - Rolling on Kubernetes is the Deployment's own rollout; a pause between
+//!   batches pauses the rollout once the batch's pods are ONLINE (pods the
+//!   controller started meanwhile keep going). A tolerated failed pod widens
+//!   `maxUnavailable` by one, since the controller would wait for it forever.
+//! - A stage that makes no progress for the progress deadline fails its
+//!   missing instances (then the policy decides), or the release when there
+//!   is no instance to blame.
+//!
 //! [`step`] is the pure form (`&Release` in, a new one out); an engine
 //! holding the release in memory calls [`Release::apply`], the same step in
 //! place, which avoids copying thousands of instances per event (about
@@ -42,6 +59,8 @@
 //! of instance lifecycle events, pushed by watches or host agents) belongs
 //! to the engine crate, which has tokio; hosts and Kubernetes implement it
 //! there. Its contract, stated here because the machine relies on it:
+//! - before [`Event::Start`], the instances it already knows are reported
+//!   (on Kubernetes, the app's pods from the cache);
 //! - every [`Command`] is idempotent and is reported with
 //!   [`Event::Done`] (or [`Event::ActionFailed`]) under its [`StepId`];
 //! - `TakeOffline` holds an instance out of traffic, across restarts, until
