@@ -407,4 +407,28 @@ proptest! {
         prop_assert_eq!(p.batches.iter().map(|b| b.size).sum::<u32>(), desired);
         prop_assert!(p.batches.len() as u32 <= desired);
     }
+
+    /// Rolling promises `desired - maxUnavailable`, and asks the Deployment
+    /// for exactly that `maxUnavailable`.
+    #[test]
+    fn rolling_plans_promise_desired_minus_max_unavailable(
+        current in 1u32..30,
+        desired in 1u32..30,
+        k in 1u32..10,
+        by_count in any::<bool>(),
+    ) {
+        let b = if by_count { count(k) } else { size(k) };
+        let fleet = Fleet::kubernetes(Track::Blue, &v("v1"), current);
+        let p = plan(&fleet, desired, &v("v2"), &settings(ReleaseStrategy::Rolling, b, Pause::Manual)).unwrap();
+        let Stage::RollTrack { max_unavailable, replicas, .. } = p.batches[0].stages[0] else {
+            panic!("{:?}", p.batches[0].stages)
+        };
+        prop_assert_eq!(max_unavailable, p.max_batch());
+        prop_assert_eq!(replicas, desired);
+        prop_assert_eq!(p.floor, current.min(desired).saturating_sub(max_unavailable));
+        if current >= desired {
+            prop_assert_eq!(p.floor, desired - max_unavailable);
+        }
+        prop_assert_eq!(p.batches.iter().map(|b| b.size).sum::<u32>(), desired);
+    }
 }
