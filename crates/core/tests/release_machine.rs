@@ -961,3 +961,38 @@ fn an_action_that_fails_while_aborting_does_not_stop_the_abort() {
     let t = chain(&t.release, done(&t));
     assert_eq!(t.release.status, Status::Aborted { keep_online: false });
 }
+
+#[test]
+fn a_tolerated_pod_in_a_rollout_gets_room_of_its_own() {
+    let mut sim = kube_release(Strategy::Rolling, 4, 4, Pause::For(Duration::from_secs(0)));
+    sim.release.settings.failed_instances = FailedInstancePolicy::Tolerate { max_ratio: 0.25 };
+    sim.feed(Event::Start);
+    sim.settle();
+    // The first new pod fails: with maxUnavailable 1 the rollout would stop.
+    let first = sim.world.starting()[0].clone();
+    let events = sim.world.resolve(&first, true);
+    sim.inbox.extend(events);
+    sim.settle();
+    let widened = sim.actions.iter().find_map(|a| match a.command {
+        Command::RollTrack {
+            max_unavailable, ..
+        } if a.id.attempt == 2 => Some(max_unavailable),
+        _ => None,
+    });
+    assert_eq!(widened, Some(2));
+    while !sim.world.starting().is_empty() {
+        sim.resolve_all(|_| false);
+    }
+    assert_eq!(sim.release.status, Status::Succeeded);
+    let running = sim.world.running();
+    assert!(running.iter().all(|(ver, _)| *ver == v("v2")));
+    assert_eq!(running.iter().filter(|(_, on)| *on).count(), 3);
+    assert_eq!(
+        sim.release
+            .outcomes
+            .iter()
+            .filter(|o| o.state == OutcomeState::Tolerated)
+            .count(),
+        1
+    );
+}
