@@ -996,3 +996,25 @@ fn a_tolerated_pod_in_a_rollout_gets_room_of_its_own() {
         1
     );
 }
+
+#[test]
+fn a_rollback_waits_for_removed_pods_to_be_reported_gone() {
+    let mut sim = kube_release(Strategy::InPlace, 2, 2, Pause::Manual);
+    let t = sim.feed(Event::Start);
+    // The old track is scaled down; its pod's removal is not reported yet.
+    let done = Event::Done {
+        step: t.actions[0].id.clone(),
+    };
+    sim.inbox.clear();
+    sim.feed(Event::Rollback);
+    let t = sim.feed(done);
+    assert!(t.actions.is_empty(), "{:?}", t.actions);
+    assert_eq!(sim.release.status, Status::RollingBack);
+    sim.advance(599_999);
+    assert_eq!(sim.release.status, Status::RollingBack);
+    sim.advance(1);
+    let Status::Failed { reason } = &sim.release.status else {
+        panic!("{:?}", sim.release.status)
+    };
+    assert!(reason.contains("not reported gone"), "{reason}");
+}

@@ -374,7 +374,10 @@ fn apply_input(r: &mut Release, input: &Input) -> Result<Vec<Action>, String> {
                 Status::RollingBack => {
                     return reject("the release is rolling back already".to_string());
                 }
-                _ => r.status = Status::RollingBack,
+                _ => {
+                    r.status = Status::RollingBack;
+                    r.deadline = Some(deadline_after(now, &r.settings));
+                }
             }
         }
     }
@@ -499,7 +502,19 @@ fn drive(r: &mut Release, now: Timestamp, out: &mut Vec<Action>) {
                 return;
             }
             Status::RollingBack => {
-                if !r.pending.is_empty() || !settled(r) {
+                if !r.pending.is_empty() {
+                    return;
+                }
+                if !settled(r) {
+                    // Pods a scale-down removed have not been reported gone.
+                    if r.deadline.is_some_and(|d| now >= d) {
+                        r.phase = Phase::Rollback;
+                        let reason = format!(
+                            "pods removed from a track were not reported gone within {}; the rollback was not started",
+                            r.settings.progress_deadline
+                        );
+                        fail(r, reason, out);
+                    }
                     return;
                 }
                 match plan(&r.fleet, r.desired, &r.from, &r.settings) {
