@@ -11,6 +11,11 @@
 //! Deployment <app>-<track>        selects name + instance + track
 //! HorizontalPodAutoscaler <app>   when autoscaling is on
 //! ```
+//! The HorizontalPodAutoscaler targets the track being rendered. During a
+//! release the engine applies only the idle track's Deployment (and
+//! content-hashed ConfigMaps); the shared objects — Service, PDB and the
+//! autoscaler — are applied once traffic has moved, so the autoscaler never
+//! fights the batches.
 //! Pod: init `keelson-init` (agent image) copies the agent into the shared
 //! `/keelson` emptyDir and obtains grants; `app` runs the command through
 //! `keelson-agent entrypoint` and carries the preStop `offline --wait`;
