@@ -626,7 +626,12 @@ impl Daemon {
         let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
         dir.set_desired(Desired::Stopped).map_err(internal)?;
         if let Some(supervisor) = dir.live_supervisor() {
-            super::supervisor::signal_group(supervisor.pid, rustix::process::Signal::TERM);
+            if let Some(pid) = i32::try_from(supervisor.pid)
+                .ok()
+                .and_then(rustix::process::Pid::from_raw)
+            {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            }
             let budget = roles_budget(&doc);
             let deadline = Instant::now() + budget;
             while supervisor.is_running() {

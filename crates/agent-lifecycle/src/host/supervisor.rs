@@ -35,7 +35,9 @@ use super::api::{ExitRecord, RestartPolicy, SupervisorState};
 use super::instance::{HostSpec, InstanceDir, SupervisorRecord};
 use super::log::LogWriter;
 use crate::hooks::for_each_line;
-use crate::layout::{Instance, Layout, write_atomic, write_json_atomic};
+use crate::layout::{
+    Instance, Layout, read_json, remove_if_present, write_atomic, write_json_atomic,
+};
 use crate::output::{Output, rfc3339_now};
 use crate::process::AppProcess;
 use crate::sidecar::{self, Phase, SidecarConfig};
@@ -171,13 +173,22 @@ pub fn run(dir: &Path) -> Result<(), String> {
     result
 }
 
-/// The `to` of a sidecar `phase` event line.
+/// The phase a sidecar event line moves to. ONLINE is taken from the
+/// `online` event (which follows its `phase` event), so a record that says
+/// online implies the log already holds the `online` event.
 fn phase_change(line: &str) -> Option<Phase> {
-    if !line.starts_with('{') || !line.contains("\"event\":\"phase\"") {
+    if !line.starts_with('{') {
+        return None;
+    }
+    if line.contains("\"event\":\"online\"") || line.contains("\"event\":\"online_adopted\"") {
+        return Some(Phase::Online);
+    }
+    if !line.contains("\"event\":\"phase\"") {
         return None;
     }
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
-    serde_json::from_value(v.get("to")?.clone()).ok()
+    let to: Phase = serde_json::from_value(v.get("to")?.clone()).ok()?;
+    (to != Phase::Online).then_some(to)
 }
 
 /// `bin/keelson-tag tag STEP` runs this binary's internal `tag`, whatever
@@ -214,6 +225,7 @@ enum Ended {
 
 impl Supervisor {
     fn run(&self) -> Result<(), String> {
+        self.stop_orphan();
         if self.doc.authorization.is_some() {
             // init "copies" the agent into bin/: a link to this binary.
             let link = self.layout.agent_binary();
@@ -267,6 +279,36 @@ impl Supervisor {
         self.output
             .event("supervisor_exited", &[("state", json!(final_state))]);
         Ok(())
+    }
+
+    /// An app left running by a supervisor that died (killed, OOM) has had
+    /// nobody to restart or stop it: stop it (SIGTERM, then SIGKILL at the
+    /// stop timeout) so that this supervisor's app starts clean, through
+    /// preStart and checkurl, on a free port.
+    fn stop_orphan(&self) {
+        let Some(orphan) = read_json::<AppProcess>(&self.layout.app_record()) else {
+            return;
+        };
+        if !orphan.is_running() {
+            return;
+        }
+        self.output
+            .event("orphan_found", &[("pid", json!(orphan.pid))]);
+        signal_group(orphan.pid, rustix::process::Signal::TERM);
+        let deadline =
+            Instant::now() + Duration::from_secs(u64::from(self.doc.stop_timeout_seconds));
+        while orphan.is_running() && Instant::now() < deadline {
+            std::thread::sleep(POLL);
+        }
+        if orphan.is_running() {
+            crate::hooks::kill_group(orphan.pid);
+            while orphan.is_running() && Instant::now() < deadline + Duration::from_secs(5) {
+                std::thread::sleep(POLL);
+            }
+        }
+        let _ = remove_if_present(&self.layout.healthcheck());
+        self.output
+            .event("orphan_stopped", &[("pid", json!(orphan.pid))]);
     }
 
     /// Runs incarnations of the app until a stop or the restart policy ends
@@ -543,4 +585,32 @@ pub fn entrypoint(dir: &Path) -> Result<i32, String> {
     output.event("not_started", &[("error", json!(error.to_string()))]);
     eprintln!("keelson-agent: {error}");
     Ok(error.exit_code().clamp(1, 255))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_record_says_online_only_with_the_online_event() {
+        let phase = |to: &str| {
+            format!(r#"{{"ts":"t","component":"sidecar","event":"phase","from":"x","to":"{to}"}}"#)
+        };
+        assert_eq!(
+            phase_change(&phase("checking_url")),
+            Some(Phase::CheckingUrl)
+        );
+        assert_eq!(phase_change(&phase("online")), None);
+        assert_eq!(
+            phase_change(r#"{"ts":"t","component":"sidecar","event":"online","healthcheck":"h"}"#),
+            Some(Phase::Online)
+        );
+        assert_eq!(phase_change(r#"[stdout] {"event":"online"}"#), None);
+        assert_eq!(
+            phase_change(
+                r#"{"ts":"t","component":"sidecar","event":"hook_started","run":"echo \"event\":\"online\""}"#
+            ),
+            None
+        );
+    }
 }
