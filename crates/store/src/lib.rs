@@ -16,6 +16,7 @@ mod apps;
 mod audit;
 mod catalog;
 mod error;
+mod releases;
 mod rows;
 mod time;
 mod tokens;
@@ -40,6 +41,10 @@ pub use apps::{
 pub use audit::{AuditEvent, AuditFilter, AuditPage};
 pub use catalog::{Environment, NewEnvironment, NewTarget, Target, TargetKind};
 pub use error::{Error, Result};
+pub use releases::{
+    CommitOutcome, JournalEntry, JournalStatus, NewRelease, ReleaseCommit, ReleaseEvent,
+    ReleaseRecord,
+};
 pub use time::Timestamp;
 pub use tokens::{IssuedToken, NewToken, Role, SubjectKind, TokenRecord};
 
@@ -228,16 +233,30 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "initial",
-    include_str!("../migrations/sqlite/0001_initial.sql"),
-)];
-const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "initial",
-    include_str!("../migrations/postgres/0001_initial.sql"),
-)];
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "initial",
+        include_str!("../migrations/sqlite/0001_initial.sql"),
+    ),
+    (
+        2,
+        "releases",
+        include_str!("../migrations/sqlite/0002_releases.sql"),
+    ),
+];
+const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "initial",
+        include_str!("../migrations/postgres/0001_initial.sql"),
+    ),
+    (
+        2,
+        "releases",
+        include_str!("../migrations/postgres/0002_releases.sql"),
+    ),
+];
 
 fn migrator(list: &'static [(i64, &'static str, &'static str)]) -> Migrator {
     let migrations = list

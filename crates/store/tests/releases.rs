@@ -1,0 +1,223 @@
+//! Durable releases: leases, optimistic commits and the journal, run once
+//! against SQLite and once against PostgreSQL.
+
+use keelson_store::testing::{TestDatabase, test_database};
+use keelson_store::{Backend, CommitOutcome, JournalStatus, NewRelease, ReleaseCommit, Store};
+use serde_json::json;
+
+async fn open(backend: Backend) -> Option<(Store, TestDatabase)> {
+    let db = test_database(backend).await?;
+    let store = Store::open(&db.url).await.expect("open the store");
+    Some((store, db))
+}
+
+async fn create(store: &Store, id: &str) {
+    store
+        .create_release(&NewRelease {
+            id,
+            app: "shop",
+            env: "prod",
+            state: &json!({"status": "pending"}),
+            status: "pending",
+            actor: "alice",
+            detail: json!({"to": "v2"}),
+        })
+        .await
+        .expect("create");
+}
+
+fn commit<'a>(
+    id: &'a str,
+    version: i64,
+    owner: Option<&'a str>,
+    state: &'a serde_json::Value,
+) -> ReleaseCommit<'a> {
+    ReleaseCommit {
+        id,
+        expected_version: version,
+        lease_owner: owner,
+        state,
+        status: "running",
+        finished: false,
+        planned: Vec::new(),
+        done: Vec::new(),
+        failed: Vec::new(),
+        event: None,
+        audit: None,
+    }
+}
+
+async fn leases_go_to_one_worker(backend: Backend) {
+    let Some((store, _db)) = open(backend).await else {
+        return;
+    };
+    create(&store, "r1").await;
+    create(&store, "r2").await;
+    let a = store
+        .claim_releases("worker-a", 60_000, 10)
+        .await
+        .expect("claim");
+    assert_eq!(
+        a.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        ["r1", "r2"]
+    );
+    assert!(
+        store
+            .claim_releases("worker-b", 60_000, 10)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    // The same owner (a restarted worker) gets its releases back at once.
+    assert_eq!(
+        store
+            .claim_releases("worker-a", 60_000, 10)
+            .await
+            .expect("claim")
+            .len(),
+        2
+    );
+    // An expired lease passes to another worker, and the old owner's commit is refused.
+    assert!(
+        store
+            .renew_release_lease("r1", "worker-a", 0)
+            .await
+            .expect("renew")
+    );
+    let expired_wait = std::time::Instant::now();
+    let b = loop {
+        let b = store
+            .claim_releases("worker-b", 60_000, 10)
+            .await
+            .expect("claim");
+        if !b.is_empty() || expired_wait.elapsed().as_secs() > 5 {
+            break b;
+        }
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(b.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["r1"]);
+    let state = json!({"status": "running"});
+    assert_eq!(
+        store
+            .commit_release(&commit("r1", 1, Some("worker-a"), &state))
+            .await
+            .expect("commit"),
+        CommitOutcome::Stale
+    );
+    assert!(
+        !store
+            .renew_release_lease("r1", "worker-a", 60_000)
+            .await
+            .expect("renew")
+    );
+    assert_eq!(
+        store
+            .commit_release(&commit("r1", 1, Some("worker-b"), &state))
+            .await
+            .expect("commit"),
+        CommitOutcome::Written(2)
+    );
+}
+
+async fn journal_and_events_follow_commits(backend: Backend) {
+    let Some((store, _db)) = open(backend).await else {
+        return;
+    };
+    create(&store, "r1").await;
+    let state = json!({"status": "running", "n": 1});
+    let mut first = commit("r1", 1, None, &state);
+    first.planned = vec![(
+        "r1/forward/b0/s0/a@blue/a1".into(),
+        json!({"kind": "take-offline"}),
+    )];
+    first.event = Some(json!({"kind": "start"}));
+    assert_eq!(
+        store.commit_release(&first).await.expect("commit"),
+        CommitOutcome::Written(2)
+    );
+    // A commit computed from an old version writes nothing, journal included.
+    let mut stale = commit("r1", 1, None, &state);
+    stale.planned = vec![("r1/forward/b0/s1/x/a1".into(), json!({}))];
+    assert_eq!(
+        store.commit_release(&stale).await.expect("commit"),
+        CommitOutcome::Stale
+    );
+    let done_state = json!({"status": "succeeded"});
+    let mut second = commit("r1", 2, None, &done_state);
+    second.status = "succeeded";
+    second.finished = true;
+    second.done = vec!["r1/forward/b0/s0/a@blue/a1".into()];
+    second.event = Some(json!({"kind": "done"}));
+    second.audit = Some(("alice", "release.pause", json!({})));
+    assert_eq!(
+        store.commit_release(&second).await.expect("commit"),
+        CommitOutcome::Written(3)
+    );
+
+    let journal = store.release_journal("r1").await.expect("journal");
+    assert_eq!(journal.len(), 1);
+    assert_eq!(journal[0].status, JournalStatus::Done);
+    assert!(journal[0].done_at.is_some());
+    let record = store.release("r1").await.expect("release");
+    assert_eq!(
+        (record.version, record.finished, record.status.as_str()),
+        (3, true, "succeeded")
+    );
+    assert_eq!(record.state, done_state);
+    // Finished releases are never claimed again.
+    assert!(
+        store
+            .claim_releases("w", 60_000, 10)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+
+    let events = store.release_events("r1", 0, 100).await.expect("events");
+    let kinds: Vec<_> = events
+        .iter()
+        .map(|e| e.body["kind"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(kinds, ["created", "start", "done"]);
+    let after = store
+        .release_events("r1", events[1].id, 100)
+        .await
+        .expect("events");
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].body["kind"], "done");
+    assert_eq!(
+        store
+            .releases_of("shop", Some("prod"), 10)
+            .await
+            .expect("list")
+            .len(),
+        1
+    );
+    assert!(
+        store
+            .releases_of("shop", Some("test"), 10)
+            .await
+            .expect("list")
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn sqlite_leases_go_to_one_worker() {
+    leases_go_to_one_worker(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn postgres_leases_go_to_one_worker() {
+    leases_go_to_one_worker(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn sqlite_journal_and_events_follow_commits() {
+    journal_and_events_follow_commits(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn postgres_journal_and_events_follow_commits() {
+    journal_and_events_follow_commits(Backend::Postgres).await;
+}
