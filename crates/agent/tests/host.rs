@@ -12,11 +12,12 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use keelson_agent_lifecycle::host::instance::kill_all;
 use keelson_agent_lifecycle::http::{Request, send};
 use keelson_core::lifecycle::{
     Authorization, CheckUrl, Hooks, LIFECYCLE_API_VERSION, LifecycleDocument,
 };
-use rustix::process::{Pid, Signal, kill_process, kill_process_group};
+use rustix::process::{Pid, Signal, kill_process};
 use serde_json::{Value, json};
 use support::{AGENT, StubAuthz, TESTAPP, command_hook, ev, find_prefix, free_port, script_hook};
 
@@ -243,27 +244,9 @@ impl Host {
 impl Drop for Host {
     fn drop(&mut self) {
         self.kill_daemon();
-        // Supervisors lead their own session; apps their own group.
-        for entry in std::fs::read_dir(self.path("state/instances"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let record: Value = std::fs::read(entry.path().join("supervisor.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok())
-                .unwrap_or_default();
-            let app: Value = std::fs::read(entry.path().join("run/app.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok())
-                .unwrap_or_default();
-            for pid in [&record["process"]["pid"], &app["pid"]] {
-                if let Some(pid) = pid.as_u64().and_then(|p| Pid::from_raw(p as i32)) {
-                    let _ = kill_process_group(pid, Signal::KILL);
-                    let _ = kill_process(pid, Signal::KILL);
-                }
-            }
-        }
+        // Every supervisor's session: supervisors, apps, hooks, even one
+        // that was just starting.
+        kill_all(&self.path("state"), Duration::from_secs(10));
     }
 }
 

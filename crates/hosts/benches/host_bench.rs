@@ -106,23 +106,7 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = self.daemon.kill();
         let _ = self.daemon.wait();
-        for entry in std::fs::read_dir(self.state.join("instances"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            for file in ["supervisor.json", "run/app.json"] {
-                let v: serde_json::Value = std::fs::read(entry.path().join(file))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice(&b).ok())
-                    .unwrap_or_default();
-                let pid = v["process"]["pid"].as_i64().or(v["pid"].as_i64());
-                if let Some(pid) = pid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
-                    let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-                }
-            }
-        }
+        keelson_agent_lifecycle::host::instance::kill_all(&self.state, Duration::from_secs(10));
     }
 }
 

@@ -59,12 +59,13 @@ fn targets_api() -> (String, Arc<Mutex<Vec<Target>>>) {
     (url, targets)
 }
 
-struct Daemon(Child);
+struct Daemon(Child, std::path::PathBuf);
 
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        keelson_agent_lifecycle::host::instance::kill_all(&self.1, Duration::from_secs(10));
     }
 }
 
@@ -98,6 +99,7 @@ async fn host_add_list_and_instances() {
             .stdout(Stdio::null())
             .spawn()
             .unwrap(),
+        dir.path().join("state"),
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {

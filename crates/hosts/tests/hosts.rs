@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keelson_agent_lifecycle::host::api::DeployRequest;
+use keelson_agent_lifecycle::host::instance::kill_all;
 use keelson_core::lifecycle::{CheckUrl, Hooks, LIFECYCLE_API_VERSION, LifecycleDocument};
 use keelson_core::release::InstanceChange;
 use keelson_hosts::registry::{add_host, find_host, list_hosts};
@@ -15,7 +16,6 @@ use keelson_hosts::{
     Error, HealthStatus, HostClient, HostEvents, HostMonitor, HostRecord, StartAt,
 };
 use keelson_store::{NewTarget, Store, TargetKind};
-use rustix::process::{Pid, Signal, kill_process, kill_process_group};
 use tokio_util::sync::CancellationToken;
 
 const HOSTD: &str = env!("CARGO_BIN_EXE_keelson-hostd");
@@ -96,20 +96,7 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
-        let instances = self.dir.path().join("state/instances");
-        for entry in std::fs::read_dir(instances).into_iter().flatten().flatten() {
-            for file in ["supervisor.json", "run/app.json"] {
-                let v: serde_json::Value = std::fs::read(entry.path().join(file))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice(&b).ok())
-                    .unwrap_or_default();
-                let pid = v["process"]["pid"].as_i64().or(v["pid"].as_i64());
-                if let Some(pid) = pid.and_then(|p| Pid::from_raw(p as i32)) {
-                    let _ = kill_process_group(pid, Signal::KILL);
-                    let _ = kill_process(pid, Signal::KILL);
-                }
-            }
-        }
+        kill_all(&self.dir.path().join("state"), Duration::from_secs(10));
     }
 }
 

@@ -219,3 +219,105 @@ impl InstanceDir {
         }
     }
 }
+
+/// Kills every process of every instance under `state_dir` with SIGKILL:
+/// each supervisor's whole session (the supervisor, its app, the app's
+/// children, hooks), including processes that were starting while the
+/// search ran. For tearing a host runtime down without its lifecycle
+/// (tests, a machine being wiped); returns how many processes were killed.
+/// Never touches the caller's own session.
+pub fn kill_all(state_dir: &Path, timeout: std::time::Duration) -> usize {
+    let instances = state_dir.join("instances");
+    let marker = instances.display().to_string();
+    let own_session = rustix::process::getsid(None)
+        .map(|p| p.as_raw_nonzero().get())
+        .unwrap_or(0);
+    let deadline = std::time::Instant::now() + timeout;
+    let mut sessions = std::collections::HashSet::new();
+    let mut killed = 0;
+    loop {
+        for entry in std::fs::read_dir(&instances)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let dir = InstanceDir { root: entry.path() };
+            // A dead supervisor's session lives on while its app does, and
+            // its id cannot be reused meanwhile; a live process with that pid
+            // but another start time is someone else.
+            if let Some(p) = dir.record().and_then(|r| r.process)
+                && (p.is_running() || !Path::new(&format!("/proc/{}", p.pid)).exists())
+            {
+                sessions.insert(p.pid as i32);
+            }
+        }
+        let procs = list_processes();
+        for p in &procs {
+            if p.cmdline.contains(&marker) {
+                sessions.insert(p.session);
+            }
+        }
+        sessions.remove(&own_session);
+        let mut found = false;
+        for p in procs
+            .iter()
+            .filter(|p| sessions.contains(&p.session) && p.state != 'Z')
+        {
+            if let Some(pid) = rustix::process::Pid::from_raw(p.pid) {
+                if p.pid as u32 == std::process::id() {
+                    continue;
+                }
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                found = true;
+                killed += 1;
+            }
+        }
+        if !found || std::time::Instant::now() >= deadline {
+            return killed;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+struct ProcessEntry {
+    pid: i32,
+    state: char,
+    session: i32,
+    cmdline: String,
+}
+
+fn list_processes() -> Vec<ProcessEntry> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let (Some(state), Some(session)) = (
+            fields.first().and_then(|s| s.chars().next()),
+            fields.get(3).and_then(|s| s.parse().ok()),
+        ) else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .unwrap_or_default();
+        out.push(ProcessEntry {
+            pid,
+            state,
+            session,
+            cmdline,
+        });
+    }
+    out
+}
