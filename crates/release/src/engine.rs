@@ -1,0 +1,613 @@
+//! Durable execution of releases: creating them, users' requests, and the
+//! worker that drives every running release to its end.
+//!
+//! ```text
+//!  Worker::run ── every poll: claim releases (lease) ──► one task per release:
+//!     subscribe to runtime events (known instances first)
+//!     apply release.pending not journaled done   (again, after a crash)
+//!     loop: input ◄─ runtime event │ action done/failed │ deadline tick │ reload
+//!           step(release, input) ─► commit state + journal + event (one tx,
+//!           only if the release is still at the version read and the lease held)
+//!           ─► apply new actions (kill points before/after each)
+//! ```
+//!
+//! A user's request ([`request`]) steps the stored release under the same
+//! optimistic version check; the worker sees the new version when its next
+//! commit is refused or at its next poll, reloads, and applies the actions
+//! the request issued.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use keelson_core::release::{
+    Action, Event, Fleet, Input, InstanceState, Release, ReleaseSettings, Status, StepId, Summary,
+    Timestamp, Version, step, summarize,
+};
+use keelson_store::{
+    CommitOutcome, JournalStatus, NewRelease, ReleaseCommit, ReleaseRecord, Store,
+};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::kill::{self, When};
+use crate::runtime::{Runtime, RuntimeError, Runtimes};
+use crate::{Error, Result};
+
+/// How often a commit refused for a newer version is retried.
+const MAX_RETRIES: usize = 20;
+
+/// The name of a step within its release, as kill points and logs use it:
+/// `<phase>/b<batch>/s<stage>/<target>/a<attempt>`.
+pub fn step_name(id: &StepId) -> String {
+    format!(
+        "{}/b{}/s{}/{}/a{}",
+        id.phase.as_str(),
+        id.batch,
+        id.stage,
+        id.target,
+        id.attempt
+    )
+}
+
+fn now() -> Timestamp {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    Timestamp(ms)
+}
+
+fn decode(record: &ReleaseRecord) -> Result<Release> {
+    serde_json::from_value(record.state.clone()).map_err(|e| Error::Corrupt(e.to_string()))
+}
+
+fn encode<T: Serialize>(value: &T) -> serde_json::Value {
+    // Plain data types of core: serializing them cannot fail.
+    serde_json::to_value(value).unwrap_or(serde_json::Value::Null)
+}
+
+/// A release to create.
+#[derive(Debug, Clone)]
+pub struct NewReleaseRequest {
+    /// Its id; generated when None.
+    pub id: Option<String>,
+    /// The app.
+    pub app: String,
+    /// The environment.
+    pub env: String,
+    /// The version to release.
+    pub version: Version,
+    /// Instances at the end; as many as run now when None.
+    pub desired: Option<u32>,
+    /// Strategy, batches, pauses, failure policy.
+    pub settings: ReleaseSettings,
+    /// Who asks.
+    pub actor: String,
+}
+
+/// The version most instances run now, and how many instances there are.
+fn current(fleet: &Fleet) -> Option<(Version, u32)> {
+    match fleet {
+        Fleet::Hosts { instances } => {
+            let live: Vec<_> = instances
+                .iter()
+                .filter(|i| i.state != InstanceState::Stopped)
+                .collect();
+            let mut counts: BTreeMap<&Version, u32> = BTreeMap::new();
+            for i in &live {
+                *counts.entry(&i.version).or_default() += 1;
+            }
+            let version = counts.into_iter().max_by_key(|(_, n)| *n)?.0.clone();
+            let slots: HashSet<&str> = live.iter().map(|i| i.slot.as_str()).collect();
+            Some((version, slots.len() as u32))
+        }
+        Fleet::Kubernetes { tracks, .. } => {
+            let active = tracks.iter().max_by_key(|t| t.replicas)?;
+            Some((
+                active.version.clone()?,
+                tracks.iter().map(|t| t.replicas).sum(),
+            ))
+        }
+    }
+}
+
+/// Plans a release over the runtime's instances as they run now and stores
+/// it, pending; a worker starts it.
+pub async fn create_release<R: Runtime>(
+    store: &Store,
+    runtime: &R,
+    request: &NewReleaseRequest,
+) -> Result<ReleaseRecord> {
+    let fleet = runtime.fleet().await?;
+    let (from, running) = current(&fleet).ok_or_else(|| {
+        Error::Plan(format!(
+            "{} has no instances in {}",
+            request.app, request.env
+        ))
+    })?;
+    let id = request.id.clone().unwrap_or_else(|| {
+        format!(
+            "{}-{}-{}-{:04x}",
+            request.app,
+            request.env,
+            now().0,
+            fastrand::u16(..)
+        )
+    });
+    let desired = request.desired.unwrap_or(running);
+    let release = Release::new(
+        id.clone(),
+        from.clone(),
+        request.version.clone(),
+        desired,
+        fleet,
+        request.settings.clone(),
+    )
+    .map_err(|e| Error::Plan(e.to_string()))?;
+    let state = encode(&release);
+    let record = store
+        .create_release(&NewRelease {
+            id: &id,
+            app: &request.app,
+            env: &request.env,
+            state: &state,
+            status: release.status.label(),
+            actor: &request.actor,
+            detail: serde_json::json!({
+                "app": request.app,
+                "env": request.env,
+                "from": from,
+                "to": request.version,
+                "desired": desired,
+                "strategy": request.settings.strategy.as_str(),
+            }),
+        })
+        .await?;
+    Ok(record)
+}
+
+/// A release as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReleaseView {
+    /// Its id.
+    pub id: String,
+    /// The app.
+    pub app: String,
+    /// The environment.
+    pub env: String,
+    /// Its one-word status.
+    pub status: String,
+    /// Whether it has ended.
+    pub finished: bool,
+    /// Counts up with every change.
+    pub version: i64,
+    /// The worker running it.
+    pub worker: Option<String>,
+    /// Who created it.
+    pub created_by: String,
+    /// When.
+    pub created_at: keelson_store::Timestamp,
+    /// The last change.
+    pub updated_at: keelson_store::Timestamp,
+    /// Batches and instances, by state and version.
+    pub summary: Summary,
+    /// The machine's full state.
+    pub state: Release,
+}
+
+/// The stored release with its summary.
+pub async fn release_view(store: &Store, id: &str) -> Result<ReleaseView> {
+    let record = store.release(id).await?;
+    let release = decode(&record)?;
+    Ok(ReleaseView {
+        summary: summarize(&release),
+        id: record.id,
+        app: record.app,
+        env: record.env,
+        status: record.status,
+        finished: record.finished,
+        version: record.version,
+        worker: record.lease_owner,
+        created_by: record.created_by,
+        created_at: record.created_at,
+        updated_at: record.updated_at,
+        state: release,
+    })
+}
+
+fn event_name(event: &Event) -> &'static str {
+    match event {
+        Event::Start => "start",
+        Event::Instance(_) => "instance",
+        Event::Done { .. } => "done",
+        Event::ActionFailed { .. } => "action-failed",
+        Event::Tick => "tick",
+        Event::Pause => "pause",
+        Event::Resume => "resume",
+        Event::Abort { .. } => "abort",
+        Event::Rollback => "rollback",
+    }
+}
+
+/// What the journal and the event log get for one transition.
+fn commit_of<'a>(
+    id: &'a str,
+    version: i64,
+    owner: Option<&'a str>,
+    input: &Input,
+    release: &Release,
+    actions: &[Action],
+    state: &'a serde_json::Value,
+) -> ReleaseCommit<'a> {
+    let mut done = Vec::new();
+    let mut failed = Vec::new();
+    match &input.event {
+        Event::Done { step } => done.push(step.to_string()),
+        Event::ActionFailed { step, error } => failed.push((step.to_string(), error.clone())),
+        _ => {}
+    }
+    ReleaseCommit {
+        id,
+        expected_version: version,
+        lease_owner: owner,
+        state,
+        status: release.status.label(),
+        finished: release.status.is_terminal() && release.pending.is_empty(),
+        planned: actions
+            .iter()
+            .filter(|a| a.command.needs_completion())
+            .map(|a| (a.id.to_string(), encode(a)))
+            .collect(),
+        done,
+        failed,
+        event: Some(serde_json::json!({
+            "kind": event_name(&input.event),
+            "input": input,
+            "status": release.status,
+            "actions": actions,
+        })),
+        audit: None,
+    }
+}
+
+/// Applies a user's request (pause, resume, abort, rollback) to a stored
+/// release; [`Error::Rejected`] with the machine's reason when it does not
+/// fit the release's state. Audited as `release.<request>`.
+pub async fn request(store: &Store, id: &str, event: Event, actor: &str) -> Result<ReleaseView> {
+    for _ in 0..MAX_RETRIES {
+        let record = store.release(id).await?;
+        let release = decode(&record)?;
+        let input = Input {
+            now: now(),
+            event: event.clone(),
+        };
+        let transition = step(&release, &input);
+        if let Some(why) = transition.rejected {
+            return Err(Error::Rejected(why));
+        }
+        let state = encode(&transition.release);
+        let mut commit = commit_of(
+            id,
+            record.version,
+            None,
+            &input,
+            &transition.release,
+            &transition.actions,
+            &state,
+        );
+        let action = format!("release.{}", event_name(&event));
+        commit.audit = Some((actor, &action, encode(&event)));
+        match store.commit_release(&commit).await? {
+            CommitOutcome::Written(_) => return release_view(store, id).await,
+            CommitOutcome::Stale => continue,
+        }
+    }
+    Err(Error::Busy(id.to_string()))
+}
+
+/// How a worker behaves.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The lease owner's name; a restarted worker with the same name takes
+    /// its releases back at once (others wait for the lease to expire).
+    pub owner: String,
+    /// How long a claim lasts without renewal.
+    pub lease: Duration,
+    /// How often the worker looks for releases to claim and for changes
+    /// made by users' requests.
+    pub poll: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            owner: format!("worker-{:08x}", fastrand::u32(..)),
+            lease: Duration::from_secs(15),
+            poll: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Runs releases: claims them through leases and drives each to its end.
+pub struct Worker<P: Runtimes> {
+    store: Store,
+    runtimes: Arc<P>,
+    config: WorkerConfig,
+}
+
+impl<P: Runtimes> Worker<P> {
+    /// A worker over `store` with these runtimes.
+    pub fn new(store: Store, runtimes: Arc<P>, config: WorkerConfig) -> Self {
+        Self {
+            store,
+            runtimes,
+            config,
+        }
+    }
+
+    /// Claims and drives releases until `cancel`; the releases it holds
+    /// keep their state and are resumed by the next worker.
+    pub async fn run(&self, cancel: CancellationToken) -> Result<()> {
+        self.run_loop(cancel, false).await
+    }
+
+    /// Claims and drives releases until none is left to claim.
+    pub async fn run_until_idle(&self) -> Result<()> {
+        self.run_loop(CancellationToken::new(), true).await
+    }
+
+    async fn run_loop(&self, cancel: CancellationToken, until_idle: bool) -> Result<()> {
+        let mut running: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
+        let mut tasks: JoinSet<(String, Result<()>)> = JoinSet::new();
+        loop {
+            let claimed = self
+                .store
+                .claim_releases(&self.config.owner, self.config.lease.as_millis() as u64, 64)
+                .await?;
+            for record in claimed {
+                if running.contains_key(&record.id) {
+                    continue;
+                }
+                let id = record.id.clone();
+                let driver = Driver {
+                    store: self.store.clone(),
+                    owner: self.config.owner.clone(),
+                    lease: self.config.lease,
+                    poll: self.config.poll,
+                    cancel: cancel.child_token(),
+                };
+                let runtimes = self.runtimes.clone();
+                let span = info_span!("release", id = %id, app = %record.app, env = %record.env);
+                let task_id = id.clone();
+                let handle = tasks.spawn(
+                    async move {
+                        let result = match runtimes.runtime(&record.app, &record.env) {
+                            Ok(runtime) => driver.drive(record, runtime).await,
+                            Err(e) => Err(e.into()),
+                        };
+                        (task_id, result)
+                    }
+                    .instrument(span),
+                );
+                running.insert(id, handle);
+            }
+            if until_idle && running.is_empty() {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                joined = tasks.join_next(), if !tasks.is_empty() => {
+                    if let Some(Ok((id, result))) = joined {
+                        running.remove(&id);
+                        match result {
+                            Ok(()) => info!(release = %id, "release driven to its end or handed over"),
+                            Err(e) => warn!(release = %id, error = %e, "release driver stopped; it will be claimed again"),
+                        }
+                    }
+                }
+                _ = tokio::time::sleep(self.config.poll) => {}
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+        Ok(())
+    }
+}
+
+/// Drives one claimed release.
+struct Driver {
+    store: Store,
+    owner: String,
+    lease: Duration,
+    poll: Duration,
+    cancel: CancellationToken,
+}
+
+enum Next {
+    Input(Input),
+    Reload,
+    Renew,
+    Stop,
+}
+
+impl Driver {
+    async fn drive<R: Runtime>(self, record: ReleaseRecord, runtime: Arc<R>) -> Result<()> {
+        let id = record.id.clone();
+        // Subscribe before anything is applied, so no observation is missed.
+        let mut events = runtime.events().await?;
+        let mut release = decode(&record)?;
+        let mut version = record.version;
+        let mut done_steps: HashSet<String> = self
+            .store
+            .release_journal(&id)
+            .await?
+            .into_iter()
+            .filter(|e| e.status == JournalStatus::Done)
+            .map(|e| e.step)
+            .collect();
+        let (done_tx, mut done_rx) = mpsc::channel::<(StepId, Result<(), RuntimeError>)>(256);
+        let mut in_flight: HashSet<StepId> = HashSet::new();
+        let mut queued: Vec<Input> = Vec::new();
+        // The instances the runtime knows come first (the machine's contract).
+        while let Ok(event) = events.try_recv() {
+            queued.push(Input {
+                now: now(),
+                event: Event::Instance(event),
+            });
+        }
+        if release.status == Status::Pending {
+            queued.push(Input {
+                now: now(),
+                event: Event::Start,
+            });
+        }
+        let mut ticked_for: Option<Timestamp> = None;
+        let mut renew_at = tokio::time::Instant::now() + self.lease / 3;
+        let mut poll_at = tokio::time::Instant::now() + self.poll;
+        info!(
+            status = release.status.label(),
+            pending = release.pending.len(),
+            "driving release"
+        );
+        loop {
+            // Apply what the state says is issued and not confirmed: new
+            // actions, and after a restart the ones a crash may have cut.
+            for action in &release.pending {
+                if in_flight.contains(&action.id) {
+                    continue;
+                }
+                in_flight.insert(action.id.clone());
+                if done_steps.contains(&action.id.to_string()) {
+                    queued.push(Input {
+                        now: now(),
+                        event: Event::Done {
+                            step: action.id.clone(),
+                        },
+                    });
+                    continue;
+                }
+                let runtime = runtime.clone();
+                let action = action.clone();
+                let done_tx = done_tx.clone();
+                tokio::spawn(async move {
+                    let name = step_name(&action.id);
+                    kill::point(&name, When::Before);
+                    let result = runtime.apply(&action).await;
+                    kill::point(&name, When::After);
+                    let _ = done_tx.send((action.id, result)).await;
+                });
+            }
+            if release.status.is_terminal() && release.pending.is_empty() && queued.is_empty() {
+                info!(status = release.status.label(), "release finished");
+                return Ok(());
+            }
+            let wake = match release.status {
+                Status::Pausing { until, .. } => Some(until),
+                Status::Running { .. } => release.deadline,
+                _ => None,
+            }
+            .filter(|w| ticked_for != Some(*w));
+            let next = if let Some(input) = (!queued.is_empty()).then(|| queued.remove(0)) {
+                Next::Input(input)
+            } else {
+                let sleep_ms = wake.map(|w| w.0.saturating_sub(now().0));
+                tokio::select! {
+                    _ = self.cancel.cancelled() => Next::Stop,
+                    event = events.recv() => match event {
+                        Some(event) => Next::Input(Input { now: now(), event: Event::Instance(event) }),
+                        None => return Err(RuntimeError("the runtime's event stream ended".into()).into()),
+                    },
+                    Some((step, result)) = done_rx.recv() => {
+                        in_flight.remove(&step);
+                        let event = match result {
+                            Ok(()) => Event::Done { step },
+                            Err(e) => Event::ActionFailed { step, error: e.0 },
+                        };
+                        Next::Input(Input { now: now(), event })
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(sleep_ms.unwrap_or(0))), if sleep_ms.is_some() => {
+                        ticked_for = wake;
+                        Next::Input(Input { now: now(), event: Event::Tick })
+                    }
+                    _ = tokio::time::sleep_until(renew_at) => Next::Renew,
+                    _ = tokio::time::sleep_until(poll_at) => Next::Reload,
+                }
+            };
+            match next {
+                Next::Stop => return Ok(()),
+                Next::Renew => {
+                    renew_at = tokio::time::Instant::now() + self.lease / 3;
+                    if !self
+                        .store
+                        .renew_release_lease(&id, &self.owner, self.lease.as_millis() as u64)
+                        .await?
+                    {
+                        warn!("lease lost; another worker runs the release now");
+                        return Ok(());
+                    }
+                }
+                Next::Reload => {
+                    poll_at = tokio::time::Instant::now() + self.poll;
+                    let record = self.store.release(&id).await?;
+                    if record.lease_owner.as_deref() != Some(self.owner.as_str())
+                        && !record.finished
+                    {
+                        warn!("lease lost; another worker runs the release now");
+                        return Ok(());
+                    }
+                    if record.version != version {
+                        release = decode(&record)?;
+                        version = record.version;
+                    }
+                }
+                Next::Input(input) => {
+                    let mut attempts = 0;
+                    loop {
+                        let transition = step(&release, &input);
+                        if transition.rejected.is_some()
+                            || (transition.actions.is_empty() && transition.release == release)
+                        {
+                            break; // nothing changed: nothing to write
+                        }
+                        let state = encode(&transition.release);
+                        let commit = commit_of(
+                            &id,
+                            version,
+                            Some(&self.owner),
+                            &input,
+                            &transition.release,
+                            &transition.actions,
+                            &state,
+                        );
+                        match self.store.commit_release(&commit).await? {
+                            CommitOutcome::Written(v) => {
+                                version = v;
+                                if let Event::Done { step } = &input.event {
+                                    done_steps.insert(step.to_string());
+                                }
+                                release = transition.release;
+                                break;
+                            }
+                            CommitOutcome::Stale => {
+                                attempts += 1;
+                                let record = self.store.release(&id).await?;
+                                if record.lease_owner.as_deref() != Some(self.owner.as_str())
+                                    || attempts > MAX_RETRIES
+                                {
+                                    warn!("lease lost; another worker runs the release now");
+                                    return Ok(());
+                                }
+                                release = decode(&record)?;
+                                version = record.version;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,544 @@
+//! The release engine against real local processes: hooks and app starts
+//! append `instance,step,version,generation` lines to a file, so the tests
+//! check what really ran, in which order and how often.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keelson_core::profile::{Batches, Duration as ProfileDuration, Pause, Strategy};
+use keelson_core::release::{
+    Event, FailedInstancePolicy, Fleet, InstanceState, Release, ReleaseSettings, Status, Track,
+    Version,
+};
+use keelson_release::local::{LocalRuntime, LocalRuntimes, LocalSpec};
+use keelson_release::{
+    Error, NewReleaseRequest, Runtime, Worker, WorkerConfig, create_release, release_view, request,
+    step_name,
+};
+use keelson_store::testing::{TestDatabase, test_database};
+use keelson_store::{Backend, JournalStatus, Store};
+use tokio_util::sync::CancellationToken;
+
+const APP: &str = "shop";
+const ENV: &str = "prod";
+
+struct Scene {
+    dir: tempfile::TempDir,
+    store: Store,
+    _db: TestDatabase,
+    url: String,
+}
+
+impl Scene {
+    async fn new(backend: Backend) -> Option<Scene> {
+        let db = test_database(backend).await?;
+        let store = Store::open(&db.url).await.expect("open the store");
+        Some(Scene {
+            dir: tempfile::tempdir().expect("temp dir"),
+            store,
+            url: db.url.clone(),
+            _db: db,
+        })
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.path().join("effects.log")
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("runtimes")
+    }
+
+    fn spec(&self) -> LocalSpec {
+        spec(&self.log())
+    }
+
+    fn runtime(&self) -> LocalRuntime {
+        LocalRuntime::new(self.root().join(APP).join(ENV), self.spec())
+    }
+
+    fn lines(&self) -> Vec<String> {
+        std::fs::read_to_string(self.log())
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Slots `vm-0`… running `v1`, ONLINE, as before any release.
+    async fn deploy(&self, slots: u32) -> LocalRuntime {
+        let runtime = self.runtime();
+        for n in 0..slots {
+            runtime
+                .deploy(&format!("vm-{n}"), Track::Blue, &Version::from("v1"))
+                .await
+                .expect("deploy v1");
+        }
+        runtime
+    }
+
+    async fn create(
+        &self,
+        runtime: &LocalRuntime,
+        version: &str,
+        settings: ReleaseSettings,
+    ) -> String {
+        let record = create_release(
+            &self.store,
+            runtime,
+            &NewReleaseRequest {
+                id: Some("r1".into()),
+                app: APP.into(),
+                env: ENV.into(),
+                version: Version::from(version),
+                desired: None,
+                settings,
+                actor: "alice".into(),
+            },
+        )
+        .await
+        .expect("create the release");
+        record.id
+    }
+
+    fn worker(&self, owner: &str) -> Worker<LocalRuntimes> {
+        Worker::new(
+            self.store.clone(),
+            Arc::new(LocalRuntimes::new(self.root(), self.spec())),
+            WorkerConfig {
+                owner: owner.into(),
+                lease: Duration::from_secs(10),
+                poll: Duration::from_millis(50),
+            },
+        )
+    }
+
+    async fn release(&self, id: &str) -> Release {
+        release_view(&self.store, id)
+            .await
+            .expect("read the release")
+            .state
+    }
+
+    /// Waits until the release's status label is `label`.
+    async fn wait_status(&self, id: &str, label: &str) -> Release {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let release = self.release(id).await;
+            if release.status.label() == label {
+                return release;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "release never became {label}: {:?}",
+                release.status
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn spec(log: &Path) -> LocalSpec {
+    let log = log.display();
+    let line = format!(
+        r#"echo "$KEELSON_INSTANCE,$KEELSON_HOOK,$KEELSON_VERSION,$KEELSON_GENERATION" >> "{log}""#
+    );
+    LocalSpec {
+        app: format!(
+            r#"echo "$KEELSON_INSTANCE,start,$KEELSON_VERSION,$KEELSON_GENERATION" >> "{log}"
+case "$KEELSON_VERSION" in broken*) exit 3;; esac
+: > "$KEELSON_READY_FILE"
+exec sleep 300"#
+        ),
+        pre_start: Some(line.clone()),
+        pre_online: Some(line.clone()),
+        pre_offline: Some(line),
+        start_timeout: Duration::from_secs(10),
+    }
+}
+
+fn settings(strategy: Strategy, batches: u32, pause: Pause) -> ReleaseSettings {
+    ReleaseSettings {
+        strategy,
+        batches: Some(Batches {
+            count: Some(batches),
+            size: None,
+        }),
+        pause,
+        failed_instances: FailedInstancePolicy::Fail,
+        progress_deadline: ProfileDuration::from_secs(60),
+    }
+}
+
+fn no_pause() -> Pause {
+    Pause::For(ProfileDuration::from_secs(0))
+}
+
+/// Every line appears once.
+fn assert_once(lines: &[String]) {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for line in lines {
+        *counts.entry(line).or_default() += 1;
+    }
+    let repeated: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        repeated.is_empty(),
+        "effects repeated: {repeated:?}\nall: {lines:#?}"
+    );
+}
+
+fn position(lines: &[String], prefix: &str) -> usize {
+    lines
+        .iter()
+        .position(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no line {prefix}… in {lines:#?}"))
+}
+
+async fn versions_online(runtime: &LocalRuntime) -> Vec<(String, String, InstanceState)> {
+    let Fleet::Hosts { instances } = runtime.fleet().await.expect("fleet") else {
+        panic!("hosts fleet expected")
+    };
+    instances
+        .into_iter()
+        .filter(|i| i.state != InstanceState::Stopped)
+        .map(|i| (i.id.0, i.version.0, i.state))
+        .collect()
+}
+
+#[tokio::test]
+async fn in_place_release_runs_hooks_in_order_batch_by_batch() {
+    let scene = Scene::new(Backend::Sqlite).await.expect("sqlite");
+    let runtime = scene.deploy(3).await;
+    let id = scene
+        .create(&runtime, "v2", settings(Strategy::InPlace, 3, no_pause()))
+        .await;
+    let cancel = CancellationToken::new();
+    let worker = scene.worker("w1");
+    let run = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { worker.run(cancel).await }
+    });
+    scene.wait_status(&id, "succeeded").await;
+    cancel.cancel();
+    run.await.expect("join").expect("worker");
+
+    let lines = scene.lines();
+    assert_once(&lines);
+    for n in 0..3 {
+        let i = format!("vm-{n}@blue");
+        let order = [
+            position(&lines, &format!("{i},preOffline,v1,none")),
+            position(&lines, &format!("{i},preStart,v2,")),
+            position(&lines, &format!("{i},start,v2,")),
+            position(&lines, &format!("{i},preOnline,v2,")),
+        ];
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{i}: {lines:#?}");
+        if n > 0 {
+            // A batch starts only when the one before is ONLINE.
+            let before = position(&lines, &format!("vm-{}@blue,preOnline,v2,", n - 1));
+            assert!(before < order[0], "batch {n} began early: {lines:#?}");
+        }
+    }
+    assert_eq!(
+        versions_online(&runtime).await,
+        (0..3)
+            .map(|n| (
+                format!("vm-{n}@blue"),
+                "v2".to_string(),
+                InstanceState::Online
+            ))
+            .collect::<Vec<_>>()
+    );
+    // Every journaled step is done, and the events tell the story.
+    let journal = scene.store.release_journal(&id).await.expect("journal");
+    assert_eq!(journal.len(), 6, "{journal:#?}");
+    assert!(journal.iter().all(|e| e.status == JournalStatus::Done));
+    let events = scene
+        .store
+        .release_events(&id, 0, 1000)
+        .await
+        .expect("events");
+    assert_eq!(
+        events.first().map(|e| e.body["kind"].clone()),
+        Some("created".into())
+    );
+    assert_eq!(
+        events.last().map(|e| e.body["status"]["status"].clone()),
+        Some("succeeded".into())
+    );
+    let view = release_view(&scene.store, &id).await.expect("view");
+    assert!(view.finished);
+    assert_eq!(view.worker, None, "a finished release holds no lease");
+    runtime.stop_all().await;
+}
+
+#[tokio::test]
+async fn manual_pause_waits_for_resume_and_refuses_what_does_not_fit() {
+    let scene = Scene::new(Backend::Sqlite).await.expect("sqlite");
+    let runtime = scene.deploy(2).await;
+    let id = scene
+        .create(
+            &runtime,
+            "v2",
+            settings(Strategy::InPlace, 2, Pause::Manual),
+        )
+        .await;
+    let cancel = CancellationToken::new();
+    let worker = scene.worker("w1");
+    let run = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { worker.run(cancel).await }
+    });
+    scene.wait_status(&id, "paused").await;
+    // Only the first batch moved.
+    assert_eq!(
+        versions_online(&runtime).await,
+        vec![
+            (
+                "vm-0@blue".to_string(),
+                "v2".to_string(),
+                InstanceState::Online
+            ),
+            (
+                "vm-1@blue".to_string(),
+                "v1".to_string(),
+                InstanceState::Online
+            ),
+        ]
+    );
+    let refused = request(&scene.store, &id, Event::Pause, "alice").await;
+    assert!(
+        matches!(&refused, Err(Error::Rejected(why)) if why.contains("paused")),
+        "{refused:?}"
+    );
+    request(&scene.store, &id, Event::Resume, "alice")
+        .await
+        .expect("resume");
+    scene.wait_status(&id, "succeeded").await;
+    let refused = request(&scene.store, &id, Event::Resume, "alice").await;
+    assert!(matches!(refused, Err(Error::Rejected(_))), "{refused:?}");
+    cancel.cancel();
+    run.await.expect("join").expect("worker");
+    assert_once(&scene.lines());
+    runtime.stop_all().await;
+}
+
+#[tokio::test]
+async fn abort_takes_new_instances_out_of_traffic() {
+    let scene = Scene::new(Backend::Sqlite).await.expect("sqlite");
+    let runtime = scene.deploy(2).await;
+    let id = scene
+        .create(
+            &runtime,
+            "v2",
+            settings(Strategy::InPlace, 2, Pause::Manual),
+        )
+        .await;
+    let cancel = CancellationToken::new();
+    let worker = scene.worker("w1");
+    let run = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { worker.run(cancel).await }
+    });
+    scene.wait_status(&id, "paused").await;
+    request(
+        &scene.store,
+        &id,
+        Event::Abort { keep_online: false },
+        "alice",
+    )
+    .await
+    .expect("abort");
+    let release = scene.wait_status(&id, "aborted").await;
+    assert!(release.pending.is_empty());
+    cancel.cancel();
+    run.await.expect("join").expect("worker");
+    assert_eq!(
+        versions_online(&runtime).await,
+        vec![
+            (
+                "vm-0@blue".to_string(),
+                "v2".to_string(),
+                InstanceState::Offline
+            ),
+            (
+                "vm-1@blue".to_string(),
+                "v1".to_string(),
+                InstanceState::Online
+            ),
+        ]
+    );
+    let lines = scene.lines();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("vm-0@blue,preOffline,v2,")),
+        "{lines:#?}"
+    );
+    runtime.stop_all().await;
+}
+
+#[tokio::test]
+async fn failing_instances_are_recreated_then_fail_the_release() {
+    let scene = Scene::new(Backend::Sqlite).await.expect("sqlite");
+    let runtime = scene.deploy(2).await;
+    let mut settings = settings(Strategy::InPlace, 2, no_pause());
+    settings.failed_instances = FailedInstancePolicy::Recreate { max_attempts: 3 };
+    let id = scene.create(&runtime, "broken-v2", settings).await;
+    let worker = scene.worker("w1");
+    worker.run_until_idle().await.expect("worker");
+    let release = scene.release(&id).await;
+    assert!(
+        matches!(release.status, Status::Failed { .. }),
+        "{:?}",
+        release.status
+    );
+    let lines = scene.lines();
+    let starts = lines
+        .iter()
+        .filter(|l| l.starts_with("vm-0@blue,start,broken-v2,"))
+        .count();
+    assert_eq!(starts, 3, "three attempts: {lines:#?}");
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.starts_with("vm-1@blue,") && l.contains("broken")),
+        "the second batch never began: {lines:#?}"
+    );
+    assert_once(&lines);
+    runtime.stop_all().await;
+}
+
+/// Runs the worker binary over the scene; its exit code.
+async fn worker_process(scene: &Scene, kill_at: Option<&str>) -> i32 {
+    let spec = scene.spec();
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_keelson-release-worker"));
+    command
+        .arg("--database")
+        .arg(&scene.url)
+        .arg("--root")
+        .arg(scene.root())
+        .arg("--owner")
+        .arg("worker-1")
+        .arg("--app")
+        .arg(&spec.app)
+        .arg("--pre-start")
+        .arg(spec.pre_start.as_deref().unwrap_or_default())
+        .arg("--pre-online")
+        .arg(spec.pre_online.as_deref().unwrap_or_default())
+        .arg("--pre-offline")
+        .arg(spec.pre_offline.as_deref().unwrap_or_default())
+        .env_remove("KEELSON_KILL_AT");
+    if let Some(at) = kill_at {
+        command.env("KEELSON_KILL_AT", at);
+    }
+    let status = tokio::time::timeout(Duration::from_secs(60), command.status())
+        .await
+        .expect("the worker finishes within a minute")
+        .expect("run the worker");
+    status.code().unwrap_or(-1)
+}
+
+/// A full run with no crash: the steps and the effects (sorted).
+async fn reference_run(strategy: Strategy) -> (Vec<String>, Vec<String>) {
+    let scene = Scene::new(Backend::Sqlite).await.expect("sqlite");
+    let runtime = scene.deploy(2).await;
+    let id = scene
+        .create(&runtime, "v2", settings(strategy, 2, no_pause()))
+        .await;
+    assert_eq!(worker_process(&scene, None).await, 0);
+    assert_eq!(scene.release(&id).await.status, Status::Succeeded);
+    let steps = scene
+        .store
+        .release_journal(&id)
+        .await
+        .expect("journal")
+        .into_iter()
+        .map(|e| {
+            let action: keelson_core::release::Action =
+                serde_json::from_value(e.action).expect("journaled action");
+            step_name(&action.id)
+        })
+        .collect();
+    let mut lines = scene.lines();
+    assert_once(&lines);
+    lines.sort();
+    runtime.stop_all().await;
+    (steps, lines)
+}
+
+async fn crash_at_every_step(strategy: Strategy) {
+    let (steps, expected) = reference_run(strategy).await;
+    assert!(steps.len() >= 4, "{steps:?}");
+    for step in &steps {
+        for when in ["before", "after"] {
+            let at = format!("{step}:{when}");
+            let scene = Scene::new(Backend::Sqlite).await.expect("sqlite");
+            let runtime = scene.deploy(2).await;
+            let id = scene
+                .create(&runtime, "v2", settings(strategy, 2, no_pause()))
+                .await;
+            assert_eq!(
+                worker_process(&scene, Some(&at)).await,
+                137,
+                "kill point {at} was not reached"
+            );
+            assert_ne!(scene.release(&id).await.status, Status::Succeeded, "{at}");
+            assert_eq!(worker_process(&scene, None).await, 0, "resume after {at}");
+            let release = scene.release(&id).await;
+            assert_eq!(release.status, Status::Succeeded, "after {at}");
+            let mut lines = scene.lines();
+            assert_once(&lines);
+            lines.sort();
+            assert_eq!(lines, expected, "effects after a crash at {at}");
+            let online = versions_online(&runtime).await;
+            assert!(
+                online
+                    .iter()
+                    .all(|(_, v, s)| v == "v2" && *s == InstanceState::Online)
+                    && online.len() == 2,
+                "after {at}: {online:?}"
+            );
+            runtime.stop_all().await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn in_place_resumes_after_a_crash_at_every_step() {
+    crash_at_every_step(Strategy::InPlace).await;
+}
+
+#[tokio::test]
+async fn dual_deployment_resumes_after_a_crash_at_every_step() {
+    crash_at_every_step(Strategy::DualDeployment).await;
+}
+
+#[tokio::test]
+async fn postgres_workers_share_releases_through_leases() {
+    let Some(scene) = Scene::new(Backend::Postgres).await else {
+        return;
+    };
+    let runtime = scene.deploy(2).await;
+    let id = scene
+        .create(&runtime, "v2", settings(Strategy::InPlace, 2, no_pause()))
+        .await;
+    // Two workers on one database: the lease gives the release to one.
+    let (a, b) = (scene.worker("w-a"), scene.worker("w-b"));
+    let (ra, rb) = tokio::join!(a.run_until_idle(), b.run_until_idle());
+    ra.expect("worker a");
+    rb.expect("worker b");
+    assert_eq!(scene.release(&id).await.status, Status::Succeeded);
+    assert_once(&scene.lines());
+    assert_eq!(
+        scene
+            .lines()
+            .iter()
+            .filter(|l| l.contains(",start,v2,"))
+            .count(),
+        2
+    );
+    runtime.stop_all().await;
+}
