@@ -1083,3 +1083,87 @@ fn an_instance_held_offline_stays_out_of_traffic_across_restarts_until_released(
         "{e}"
     );
 }
+
+/// `POST /v1/events` without following: (instance, offset, event name).
+fn host_events(host: &Host, body: &Value) -> Vec<(String, u64, String)> {
+    let bytes = serde_json::to_vec(body).unwrap();
+    let r = send(&Request {
+        method: "POST",
+        host: "127.0.0.1",
+        port: host.port,
+        path: "/v1/events",
+        headers: &[("Authorization", &format!("Bearer {}", host.token))],
+        body: Some(&bytes),
+        timeout: Duration::from_secs(10),
+        read_body: true,
+    })
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let text = String::from_utf8_lossy(&r.body).to_string();
+    let mut out = Vec::new();
+    let mut id = String::new();
+    for line in text.lines() {
+        if let Some(v) = line.strip_prefix("id: ") {
+            id = v.to_string();
+        } else if let Some(v) = line.strip_prefix("data: ") {
+            let (name, offset) = id.split_once(':').unwrap();
+            let event: Value = serde_json::from_str(v).unwrap();
+            out.push((
+                name.to_string(),
+                offset.parse().unwrap(),
+                event["event"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    out
+}
+
+#[test]
+fn one_stream_carries_every_instances_events_and_resumes_per_instance() {
+    let host = Host::start("127.0.0.1");
+    for name in ["one", "two"] {
+        let mut body = host.deploy_body(free_port(), 0);
+        body["start"] = json!(true);
+        host.ok("PUT", &format!("/v1/instances/{name}"), Some(&body));
+        host.wait_phase(name, "online");
+    }
+    let all = host_events(&host, &json!({}));
+    for name in ["one", "two"] {
+        let names: Vec<&str> = all
+            .iter()
+            .filter(|(n, _, _)| n == name)
+            .map(|(_, _, e)| e.as_str())
+            .collect();
+        assert_eq!(names.first(), Some(&"supervisor_started"), "{all:?}");
+        assert!(names.contains(&"online"), "{all:?}");
+    }
+    // Only events: every offset is one of an event line in that instance's log.
+    let one_offsets: Vec<u64> = host.log("one", 0, true).iter().map(|(o, _)| *o).collect();
+    let streamed: Vec<u64> = all
+        .iter()
+        .filter(|(n, _, _)| n == "one")
+        .map(|(_, o, _)| *o)
+        .collect();
+    assert_eq!(streamed, one_offsets);
+
+    // Resuming: from the last ids, nothing new; after a stop, only the stop.
+    let last = |name: &str| all.iter().rev().find(|(n, _, _)| n == name).unwrap().1;
+    let cursor = json!({"from": {"one": last("one"), "two": last("two")}});
+    assert_eq!(host_events(&host, &cursor), vec![]);
+    assert_eq!(host_events(&host, &json!({"start": "end"})), vec![]);
+    host.ok("POST", "/v1/instances/two/stop", None);
+    let after = host_events(&host, &cursor);
+    assert!(after.iter().all(|(n, _, _)| n == "two"), "{after:?}");
+    assert_eq!(after.first().map(|e| e.2.as_str()), Some("stop_requested"));
+    assert_eq!(
+        after.last().map(|e| e.2.as_str()),
+        Some("supervisor_exited")
+    );
+
+    let (s, e) = host.call("POST", "/v1/events", Some(&json!({"from": {"../x": 1}})));
+    assert_eq!(
+        (s, e["error"]["field"].as_str()),
+        (400, Some("from")),
+        "{e}"
+    );
+}

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use keelson_agent_lifecycle::host::api::{
-    DeployRequest, ErrorBody, HostInfo, InstanceView, StartRequest,
+    DeployRequest, ErrorBody, EventsRequest, HostInfo, InstanceView, StartRequest,
 };
 use reqwest::Method;
 use serde::de::DeserializeOwned;
@@ -276,6 +276,31 @@ impl HostClient {
         if !follow {
             request = request.timeout(CALL_TIMEOUT);
         }
+        Ok(LogStream {
+            sse: self.open(request, url).await?,
+            id: offset,
+        })
+    }
+
+    /// Opens the host-wide stream of every instance's lifecycle events
+    /// (`POST /v1/events`), resuming each instance from `request.from`.
+    pub async fn events(&self, request: &EventsRequest) -> Result<EventStream> {
+        let url = self.url("events");
+        let mut builder = self
+            .http
+            .post(&url)
+            .bearer_auth(&self.token)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(serde_json::to_vec(request).unwrap_or_default());
+        if !request.follow {
+            builder = builder.timeout(CALL_TIMEOUT);
+        }
+        Ok(EventStream {
+            sse: self.open(builder, url).await?,
+        })
+    }
+
+    async fn open(&self, request: reqwest::RequestBuilder, url: String) -> Result<Sse> {
         let response = request
             .send()
             .await
@@ -296,10 +321,9 @@ impl HostClient {
                 }),
             };
         }
-        Ok(LogStream {
+        Ok(Sse {
             response,
             buffer: Vec::new(),
-            id: offset,
             host: self.name.clone(),
             url,
         })
@@ -319,39 +343,43 @@ mod erased {
     }
 }
 
-/// An open log: server-sent events, parsed.
+/// Server-sent events as they arrive.
 #[derive(Debug)]
-pub struct LogStream {
+struct Sse {
     response: reqwest::Response,
     buffer: Vec<u8>,
-    id: u64,
     host: String,
     url: String,
 }
 
-impl LogStream {
-    /// The next line; `None` when the stream ended.
-    pub async fn next(&mut self) -> Result<Option<LogLine>> {
+/// One server-sent event.
+struct SseEvent {
+    id: Option<String>,
+    kind: Option<String>,
+    data: Option<String>,
+}
+
+impl Sse {
+    async fn next(&mut self) -> Result<Option<SseEvent>> {
         loop {
-            while let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
-                let event: Vec<u8> = self.buffer.drain(..end + 2).collect();
-                let text = String::from_utf8_lossy(&event);
-                let mut data = None;
+            if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
+                let raw: Vec<u8> = self.buffer.drain(..end + 2).collect();
+                let text = String::from_utf8_lossy(&raw);
+                let mut event = SseEvent {
+                    id: None,
+                    kind: None,
+                    data: None,
+                };
                 for field in text.lines() {
                     if let Some(v) = field.strip_prefix("id: ") {
-                        self.id = v.parse().unwrap_or(self.id);
+                        event.id = Some(v.to_string());
+                    } else if let Some(v) = field.strip_prefix("event: ") {
+                        event.kind = Some(v.to_string());
                     } else if let Some(v) = field.strip_prefix("data: ") {
-                        data = Some(v.to_string());
+                        event.data = Some(v.to_string());
                     }
                 }
-                if let Some(line) = data
-                    && !text.starts_with("event: gap")
-                {
-                    return Ok(Some(LogLine {
-                        offset: self.id,
-                        line,
-                    }));
-                }
+                return Ok(Some(event));
             }
             match self.response.chunk().await {
                 Ok(Some(bytes)) => self.buffer.extend_from_slice(&bytes),
@@ -366,9 +394,76 @@ impl LogStream {
             }
         }
     }
+}
+
+/// An open log of one instance.
+#[derive(Debug)]
+pub struct LogStream {
+    sse: Sse,
+    id: u64,
+}
+
+impl LogStream {
+    /// The next line; `None` when the stream ended.
+    pub async fn next(&mut self) -> Result<Option<LogLine>> {
+        while let Some(event) = self.sse.next().await? {
+            if let Some(id) = event.id.and_then(|i| i.parse().ok()) {
+                self.id = id;
+            }
+            if let Some(line) = event.data
+                && event.kind.as_deref() != Some("gap")
+            {
+                return Ok(Some(LogLine {
+                    offset: self.id,
+                    line,
+                }));
+            }
+        }
+        Ok(None)
+    }
 
     /// The offset to resume from.
     pub fn offset(&self) -> u64 {
         self.id
+    }
+}
+
+/// One event of the host-wide stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceEventLine {
+    /// The instance.
+    pub instance: String,
+    /// Where to resume this instance from.
+    pub offset: u64,
+    /// The event (`{"ts", "component", "event", …}`).
+    pub event: serde_json::Value,
+}
+
+/// The host-wide event stream (`POST /v1/events`).
+#[derive(Debug)]
+pub struct EventStream {
+    sse: Sse,
+}
+
+impl EventStream {
+    /// The next event; `None` when the stream ended.
+    pub async fn next(&mut self) -> Result<Option<InstanceEventLine>> {
+        while let Some(event) = self.sse.next().await? {
+            let (Some(id), Some(data)) = (event.id, event.data) else {
+                continue;
+            };
+            let Some((instance, offset)) = id.split_once(':') else {
+                continue;
+            };
+            let (Ok(offset), Ok(event)) = (offset.parse(), serde_json::from_str(&data)) else {
+                continue;
+            };
+            return Ok(Some(InstanceEventLine {
+                instance: instance.to_string(),
+                offset,
+                event,
+            }));
+        }
+        Ok(None)
     }
 }

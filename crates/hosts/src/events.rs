@@ -3,22 +3,22 @@
 //! `offline`, `supervisor_exited`, …).
 //!
 //! ```text
-//! discover (every 2 s): registry hosts ─► per host: list instances (every 1 s)
-//!                                          └─► per instance: follow its log, events only,
-//!                                              resuming from the last offset after any break
-//!                                                  └─► HostEvent ─► bounded mpsc (back-pressure)
+//! discover (every 2 s): registry hosts ─► per host: one `POST /v1/events` stream
+//!                                          (every instance's events, new ones included),
+//!                                          resumed per instance from the last offsets after any break
+//!                                              └─► HostEvent ─► bounded mpsc (back-pressure)
 //! ```
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
+use keelson_agent_lifecycle::host::api::EventsRequest;
 use keelson_core::release::InstanceChange;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::Error;
 use crate::client::HostClient;
 use crate::registry::{HostRecord, TargetRegistry, list_hosts};
 
@@ -89,8 +89,6 @@ pub enum StartAt {
 #[derive(Debug)]
 pub struct HostEvents;
 
-type Followed = Arc<Mutex<HashSet<(String, String)>>>;
-
 impl HostEvents {
     /// Starts following every host in `registry`; events arrive on the
     /// returned receiver (holding at most `capacity`) until `cancel`.
@@ -107,7 +105,6 @@ impl HostEvents {
         tokio::spawn(
             async move {
                 let mut hosts: HashSet<String> = HashSet::new();
-                let followed: Followed = Arc::default();
                 loop {
                     match list_hosts(&*registry).await {
                         Ok(list) => {
@@ -117,7 +114,6 @@ impl HostEvents {
                                         host,
                                         start,
                                         tx.clone(),
-                                        followed.clone(),
                                         cancel.clone(),
                                     ));
                                 }
@@ -141,134 +137,78 @@ async fn follow_host(
     host: HostRecord,
     start: StartAt,
     tx: mpsc::Sender<HostEvent>,
-    followed: Followed,
     cancel: CancellationToken,
 ) {
     let span = tracing::info_span!("host", host = %host.name);
     async move {
-        let mut first_listing = true;
+        // Per instance: where to resume, and the generation of its supervisor.
+        let mut cursor: BTreeMap<String, u64> = BTreeMap::new();
+        let mut generations: HashMap<String, Option<u64>> = HashMap::new();
+        let mut seeded = start == StartAt::Beginning;
         loop {
-            match HostClient::for_host(&host) {
-                Ok(client) => match client.instances().await {
-                    Ok(instances) => {
-                        for view in instances {
-                            let key = (host.name.clone(), view.name.clone());
-                            let new = followed
-                                .lock()
-                                .map(|mut f| f.insert(key.clone()))
-                                .unwrap_or(false);
-                            if !new {
-                                continue;
-                            }
-                            let offset = if first_listing && start == StartAt::End {
-                                view.log_offset
-                            } else {
-                                0
-                            };
-                            let position = Position {
-                                instance: view.name,
-                                offset,
-                                generation: view.generation,
-                            };
-                            tokio::spawn(follow_instance(
-                                client.clone(),
-                                host.group.clone(),
-                                position,
-                                tx.clone(),
-                                followed.clone(),
-                                cancel.clone(),
-                            ));
+            if let Ok(client) = HostClient::for_host(&host) {
+                // Generations of running supervisors: a stream that starts at
+                // the end misses their `supervisor_started`.
+                if let Ok(views) = client.instances().await {
+                    // Deleted instances need no resuming.
+                    cursor.retain(|n, _| views.iter().any(|v| &v.name == n));
+                    generations.retain(|n, _| views.iter().any(|v| &v.name == n));
+                    for view in views {
+                        if !seeded {
+                            cursor.insert(view.name.clone(), view.log_offset);
                         }
-                        first_listing = false;
+                        generations.entry(view.name).or_insert(view.generation);
                     }
-                    Err(e) => tracing::debug!(error = %e, "cannot list instances"),
-                },
-                Err(e) => tracing::debug!(error = %e, "no client"),
+                    seeded = true;
+                }
+                if seeded {
+                    let request = EventsRequest {
+                        from: cursor.clone(),
+                        start: Default::default(),
+                        follow: true,
+                    };
+                    let opened = tokio::select! {
+                        () = cancel.cancelled() => return,
+                        s = client.events(&request) => s,
+                    };
+                    match opened {
+                        Ok(mut stream) => loop {
+                            let next = tokio::select! {
+                                () = cancel.cancelled() => return,
+                                n = stream.next() => n,
+                            };
+                            let Ok(Some(line)) = next else { break };
+                            cursor.insert(line.instance.clone(), line.offset);
+                            if line.event["event"] == "supervisor_started" {
+                                generations.insert(
+                                    line.instance.clone(),
+                                    line.event["generation"].as_u64(),
+                                );
+                            }
+                            let event = HostEvent {
+                                host: host.name.clone(),
+                                group: host.group.clone(),
+                                generation: generations.get(&line.instance).copied().flatten(),
+                                instance: line.instance,
+                                offset: line.offset,
+                                event: line.event,
+                            };
+                            if tx.send(event).await.is_err() {
+                                // Nobody listens any more.
+                                cancel.cancel();
+                                return;
+                            }
+                        },
+                        Err(e) => tracing::debug!(error = %e, "cannot open the event stream"),
+                    }
+                }
             }
             tokio::select! {
                 () = cancel.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
         }
     }
     .instrument(span)
     .await;
-}
-
-/// Where a follower is in one instance's log.
-struct Position {
-    instance: String,
-    offset: u64,
-    generation: Option<u64>,
-}
-
-async fn follow_instance(
-    client: HostClient,
-    group: String,
-    position: Position,
-    tx: mpsc::Sender<HostEvent>,
-    followed: Followed,
-    cancel: CancellationToken,
-) {
-    let Position {
-        instance,
-        mut offset,
-        mut generation,
-    } = position;
-    loop {
-        let stream = tokio::select! {
-            () = cancel.cancelled() => break,
-            s = client.logs(&instance, offset, true, true) => s,
-        };
-        match stream {
-            Ok(mut stream) => loop {
-                let next = tokio::select! {
-                    () = cancel.cancelled() => break,
-                    n = stream.next() => n,
-                };
-                match next {
-                    Ok(Some(line)) => {
-                        offset = line.offset;
-                        let Ok(event) = serde_json::from_str::<serde_json::Value>(&line.line)
-                        else {
-                            continue;
-                        };
-                        if event["event"] == "supervisor_started" {
-                            generation = event["generation"].as_u64();
-                        }
-                        let event = HostEvent {
-                            generation,
-                            host: client.name().to_string(),
-                            group: group.clone(),
-                            instance: instance.clone(),
-                            offset,
-                            event,
-                        };
-                        if tx.send(event).await.is_err() {
-                            // Nobody listens any more.
-                            cancel.cancel();
-                            break;
-                        }
-                    }
-                    Ok(None) | Err(_) => break,
-                }
-            },
-            // Deleted: stop following (a new deploy is found again).
-            Err(Error::Api { status: 404, .. }) => break,
-            // Deleted and deployed again: a new log.
-            Err(Error::Api {
-                status: 400,
-                field: Some(f),
-                ..
-            }) if f == "offset" => offset = 0,
-            Err(_) => {}
-        }
-        tokio::select! {
-            () = cancel.cancelled() => break,
-            () = tokio::time::sleep(Duration::from_millis(500)) => {}
-        }
-    }
-    if let Ok(mut f) = followed.lock() {
-        f.remove(&(client.name().to_string(), instance));
-    }
 }

@@ -279,7 +279,7 @@ async fn a_host_whose_daemon_is_down_is_reported_with_since_when() {
 #[tokio::test]
 async fn the_client_drives_instances_and_events_of_all_hosts_arrive_as_one_stream() {
     let store = store().await;
-    let a = Daemon::start("vm-a", "127.0.0.2");
+    let mut a = Daemon::start("vm-a", "127.0.0.2");
     let b = Daemon::start("vm-b", "127.0.0.3");
     add_host(&*store, &a.record("web")).await.unwrap();
     add_host(&*store, &b.record("web")).await.unwrap();
@@ -298,11 +298,21 @@ async fn the_client_drives_instances_and_events_of_all_hosts_arrive_as_one_strea
     }
     let mut online = std::collections::BTreeSet::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while online.len() < 2 {
+    // Every event once: per instance, offsets only grow (also across a
+    // reconnect to a restarted daemon).
+    let mut last: std::collections::HashMap<(String, String), u64> = Default::default();
+    let mut next = async || {
         let e = tokio::time::timeout_at(deadline, events.recv())
             .await
             .expect("events")
             .unwrap();
+        let key = (e.host.clone(), e.instance.clone());
+        let before = last.insert(key, e.offset).unwrap_or(0);
+        assert!(e.offset > before, "{e:?} replayed (after {before})");
+        e
+    };
+    while online.len() < 2 {
+        let e = next().await;
         assert_eq!(e.group, "web");
         assert_eq!(e.instance, "orders-1");
         if e.name() != "supervisor_started" && e.name() != "host_started" {
@@ -315,6 +325,9 @@ async fn the_client_drives_instances_and_events_of_all_hosts_arrive_as_one_strea
     }
     assert_eq!(online.into_iter().collect::<Vec<_>>(), ["vm-a", "vm-b"]);
 
+    // The daemon restarts under the stream: it resumes where it was.
+    a.kill();
+    a.spawn();
     let client = HostClient::for_host(&a.record("web")).unwrap();
     let view = client.instance("orders-1").await.unwrap();
     assert!(view.online);
@@ -322,10 +335,7 @@ async fn the_client_drives_instances_and_events_of_all_hosts_arrive_as_one_strea
     let held = client.hold("orders-1").await.unwrap();
     assert!(held.held && !held.online);
     loop {
-        let e = tokio::time::timeout_at(deadline, events.recv())
-            .await
-            .expect("events")
-            .unwrap();
+        let e = next().await;
         if e.host == "vm-a" && e.change() == Some(InstanceChange::Offline) {
             break;
         }
@@ -334,10 +344,7 @@ async fn the_client_drives_instances_and_events_of_all_hosts_arrive_as_one_strea
     assert!(!stopped.online);
     let mut seen = Vec::new();
     loop {
-        let e = tokio::time::timeout_at(deadline, events.recv())
-            .await
-            .expect("events")
-            .unwrap();
+        let e = next().await;
         if e.host == "vm-a" {
             seen.push(e.name().to_string());
             if e.name() == "supervisor_exited" {

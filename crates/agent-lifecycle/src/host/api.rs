@@ -14,6 +14,8 @@
 //! DELETE /v1/instances/{name}                  204 (instance must be stopped)
 //! GET    /v1/instances/{name}/logs?offset=N&follow=true&only=events
 //!                                              text/event-stream: `id: <next offset>` + `data: <line>`
+//! POST   /v1/events                            EventsRequest → every instance's events as one stream:
+//!                                              `id: <instance>:<next offset>` + `data: <event>`
 //! ```
 //!
 //! Every call needs `Authorization: Bearer <host token>`. Errors are
@@ -127,6 +129,34 @@ pub struct StartRequest {
     /// recognised.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
+}
+
+/// Where a host-wide event stream starts for instances its cursor does not
+/// name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamStart {
+    /// At the beginning of their logs.
+    #[default]
+    Beginning,
+    /// At the end of their logs (what happens from now on). Instances that
+    /// appear later are always read from their beginning.
+    End,
+}
+
+/// `POST /v1/events`: the lifecycle events of every instance of the host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsRequest {
+    /// Where to resume, per instance: the offsets from the stream's ids.
+    #[serde(default)]
+    pub from: BTreeMap<String, u64>,
+    /// Where instances not in `from` start.
+    #[serde(default)]
+    pub start: StreamStart,
+    /// Keep the stream open and send events as they are written.
+    #[serde(default)]
+    pub follow: bool,
 }
 
 /// What the daemon wants an instance to be.

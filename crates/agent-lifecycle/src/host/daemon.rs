@@ -24,8 +24,8 @@ use keelson_core::lifecycle::LifecycleDocument;
 use serde_json::json;
 
 use super::api::{
-    DeployRequest, Desired, ErrorBody, ErrorDetail, HostInfo, InstanceView, StartRequest,
-    SupervisorState, valid_instance_name,
+    DeployRequest, Desired, ErrorBody, ErrorDetail, EventsRequest, HostInfo, InstanceView,
+    StartRequest, StreamStart, SupervisorState, valid_instance_name,
 };
 use super::instance::{HostSpec, InstanceDir, SupervisorRecord};
 use super::server::{ChunkWriter, Reply, Request, serve};
@@ -201,15 +201,7 @@ impl Daemon {
     }
 
     fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(self.config.state_dir.join("instances"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| valid_instance_name(n))
-            .collect();
-        names.sort();
-        names
+        instance_names(&self.config.state_dir)
     }
 
     fn lock_for(&self, name: &str) -> Arc<Mutex<()>> {
@@ -312,6 +304,28 @@ impl Daemon {
             ("POST", ["instances", name, "offline"]) => self.hold(name),
             ("POST", ["instances", name, "online"]) => self.release_hold(name),
             ("GET", ["instances", name, "logs"]) => self.logs(name, &req),
+            ("POST", ["events"]) => {
+                let request: EventsRequest = if req.body.iter().all(u8::is_ascii_whitespace) {
+                    EventsRequest::default()
+                } else {
+                    serde_json::from_slice(&req.body).map_err(|e| {
+                        ApiError::new(400, "invalid_body", format!("invalid events request: {e}"))
+                    })?
+                };
+                if let Some(bad) = request.from.keys().find(|n| !valid_instance_name(n)) {
+                    return Err(ApiError::new(
+                        400,
+                        "invalid_field",
+                        format!("`{bad}` is not an instance name"),
+                    )
+                    .field("from"));
+                }
+                let (state_dir, stop) = (self.config.state_dir.clone(), self.stop.clone());
+                Ok(Reply::Stream {
+                    content_type: "text/event-stream",
+                    body: Box::new(move |w| stream_events(w, &state_dir, request, &stop)),
+                })
+            }
             (_, ["host" | "instances"] | ["instances", _] | ["instances", _, _]) => {
                 Err(ApiError::new(
                     405,
@@ -722,6 +736,83 @@ fn start_request(body: &[u8]) -> ApiResult<StartRequest> {
     }
     serde_json::from_slice(body)
         .map_err(|e| ApiError::new(400, "invalid_body", format!("invalid start request: {e}")))
+}
+
+fn instance_names(state_dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(state_dir.join("instances"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| valid_instance_name(n))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Writes every instance's events as server-sent events, `id` being
+/// `<instance>:<offset to resume from>`; with `follow`, keeps going, picking
+/// up new instances and starting over for an instance deployed anew.
+fn stream_events(
+    w: &mut ChunkWriter,
+    state_dir: &Path,
+    request: EventsRequest,
+    stop: &AtomicBool,
+) -> std::io::Result<()> {
+    let mut cursor = request.from;
+    let mut first = true;
+    let mut listed = Instant::now() - Duration::from_secs(1);
+    let mut last_write = Instant::now();
+    loop {
+        if listed.elapsed() >= Duration::from_millis(200) {
+            let names = instance_names(state_dir);
+            cursor.retain(|n, _| names.contains(n));
+            for name in names {
+                cursor.entry(name).or_insert_with_key(|n| {
+                    if first && request.start == StreamStart::End {
+                        log::end_offset(&InstanceDir::new(state_dir, n).logs())
+                    } else {
+                        0
+                    }
+                });
+            }
+            first = false;
+            listed = Instant::now();
+        }
+        let mut text = String::new();
+        for (name, offset) in cursor.iter_mut() {
+            let logs = InstanceDir::new(state_dir, name).logs();
+            let chunk = match log::read_from(&logs, *offset, 64 * 1024) {
+                Ok(c) => c,
+                // A new deployment under the same name: a new log.
+                Err(log::ReadError::BeyondEnd { .. }) => {
+                    *offset = 0;
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            for (end, line) in chunk.lines.iter().filter(|(_, l)| l.starts_with('{')) {
+                text.push_str(&format!(
+                    "id: {name}:{end}\ndata: {}\n\n",
+                    line.replace('\r', "")
+                ));
+            }
+            *offset = chunk.next;
+        }
+        if !text.is_empty() {
+            w.send(text.as_bytes())?;
+            last_write = Instant::now();
+            continue;
+        }
+        if !request.follow || stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        if last_write.elapsed() > Duration::from_secs(15) {
+            w.send(b": keepalive\n\n")?;
+            last_write = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// How long a stop may take: the offline sequence, the app's stop, a margin.
