@@ -21,13 +21,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keelson_core::release::{
-    Action, Event, Fleet, Input, InstanceState, Release, ReleaseSettings, Status, StepId, Summary,
-    Timestamp, Version, step, summarize,
+    Action, Command, Event, Fleet, Input, InstanceState, Release, ReleaseSettings, Status, StepId,
+    Summary, Timestamp, Version, step, summarize,
 };
 use keelson_store::{
     CommitOutcome, JournalStatus, NewRelease, ReleaseCommit, ReleaseRecord, Store,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -61,8 +61,120 @@ fn now() -> Timestamp {
     Timestamp(ms)
 }
 
-fn decode(record: &ReleaseRecord) -> Result<Release> {
+/// What the store keeps of a release: the request until a worker plans it
+/// over the runtime's instances, then the machine's state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "stage", rename_all = "kebab-case")]
+pub enum StoredRelease {
+    /// Asked for through the API; a worker plans it.
+    Requested {
+        /// The request.
+        request: NewReleaseRequest,
+    },
+    /// It could not be planned (no instances, bad batches, …).
+    Refused {
+        /// The request.
+        request: NewReleaseRequest,
+        /// Why.
+        error: String,
+    },
+    /// Planned: the state machine.
+    Planned {
+        /// The machine's state.
+        release: Box<Release>,
+    },
+}
+
+/// The status label of a release that is not planned yet.
+pub const PLANNING: &str = "planning";
+/// The status label of a release that could not be planned.
+pub const REFUSED: &str = "refused";
+
+fn decode_stored(record: &ReleaseRecord) -> Result<StoredRelease> {
     serde_json::from_value(record.state.clone()).map_err(|e| Error::Corrupt(e.to_string()))
+}
+
+fn decode(record: &ReleaseRecord) -> Result<Release> {
+    match decode_stored(record)? {
+        StoredRelease::Planned { release } => Ok(*release),
+        StoredRelease::Requested { .. } => Err(Error::Rejected(format!(
+            "release {} is still being planned",
+            record.id
+        ))),
+        StoredRelease::Refused { error, .. } => Err(Error::Rejected(format!(
+            "release {} was refused: {error}",
+            record.id
+        ))),
+    }
+}
+
+fn planned(release: &Release) -> serde_json::Value {
+    encode(&StoredRelease::Planned {
+        release: Box::new(release.clone()),
+    })
+}
+
+fn generated_id(request: &NewReleaseRequest) -> String {
+    request.id.clone().unwrap_or_else(|| {
+        format!(
+            "{}-{}-{}-{:04x}",
+            request.app,
+            request.env,
+            now().0,
+            fastrand::u16(..)
+        )
+    })
+}
+
+/// Plans `request` over `fleet`.
+fn plan_release(id: &str, fleet: Fleet, request: &NewReleaseRequest) -> Result<Release> {
+    let (from, running) = current(&fleet).ok_or_else(|| {
+        Error::Plan(format!(
+            "{} has no instances in {}",
+            request.app, request.env
+        ))
+    })?;
+    Release::new(
+        id.to_string(),
+        from,
+        request.version.clone(),
+        request.desired.unwrap_or(running),
+        fleet,
+        request.settings.clone(),
+    )
+    .map_err(|e| Error::Plan(e.to_string()))
+}
+
+fn create_detail(request: &NewReleaseRequest) -> serde_json::Value {
+    serde_json::json!({
+        "app": request.app,
+        "env": request.env,
+        "to": request.version,
+        "desired": request.desired,
+        "strategy": request.settings.strategy.as_str(),
+    })
+}
+
+/// Stores a release request; a worker plans it over the runtime's
+/// instances (status `planning`, then `pending` or `refused`) and runs it.
+pub async fn submit_release(store: &Store, request: &NewReleaseRequest) -> Result<ReleaseRecord> {
+    let id = generated_id(request);
+    let mut request = request.clone();
+    request.id = Some(id.clone());
+    let state = encode(&StoredRelease::Requested {
+        request: request.clone(),
+    });
+    Ok(store
+        .create_release(&NewRelease {
+            id: &id,
+            app: &request.app,
+            env: &request.env,
+            state: &state,
+            status: PLANNING,
+            actor: &request.actor,
+            detail: create_detail(&request),
+        })
+        .await?)
 }
 
 fn encode<T: Serialize>(value: &T) -> serde_json::Value {
@@ -71,7 +183,8 @@ fn encode<T: Serialize>(value: &T) -> serde_json::Value {
 }
 
 /// A release to create.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct NewReleaseRequest {
     /// Its id; generated when None.
     pub id: Option<String>,
@@ -123,33 +236,10 @@ pub async fn create_release<R: Runtime>(
     request: &NewReleaseRequest,
 ) -> Result<ReleaseRecord> {
     let fleet = runtime.fleet().await?;
-    let (from, running) = current(&fleet).ok_or_else(|| {
-        Error::Plan(format!(
-            "{} has no instances in {}",
-            request.app, request.env
-        ))
-    })?;
-    let id = request.id.clone().unwrap_or_else(|| {
-        format!(
-            "{}-{}-{}-{:04x}",
-            request.app,
-            request.env,
-            now().0,
-            fastrand::u16(..)
-        )
-    });
-    let desired = request.desired.unwrap_or(running);
-    let release = Release::new(
-        id.clone(),
-        from.clone(),
-        request.version.clone(),
-        desired,
-        fleet,
-        request.settings.clone(),
-    )
-    .map_err(|e| Error::Plan(e.to_string()))?;
-    let state = encode(&release);
-    let record = store
+    let id = generated_id(request);
+    let release = plan_release(&id, fleet, request)?;
+    let state = planned(&release);
+    Ok(store
         .create_release(&NewRelease {
             id: &id,
             app: &request.app,
@@ -157,17 +247,9 @@ pub async fn create_release<R: Runtime>(
             state: &state,
             status: release.status.label(),
             actor: &request.actor,
-            detail: serde_json::json!({
-                "app": request.app,
-                "env": request.env,
-                "from": from,
-                "to": request.version,
-                "desired": desired,
-                "strategy": request.settings.strategy.as_str(),
-            }),
+            detail: create_detail(request),
         })
-        .await?;
-    Ok(record)
+        .await?)
 }
 
 /// A release as the API shows it.
@@ -194,18 +276,26 @@ pub struct ReleaseView {
     pub created_at: keelson_store::Timestamp,
     /// The last change.
     pub updated_at: keelson_store::Timestamp,
-    /// Batches and instances, by state and version.
-    pub summary: Summary,
-    /// The machine's full state.
-    pub state: Release,
+    /// Batches and instances, by state and version (once planned).
+    pub summary: Option<Summary>,
+    /// The machine's full state (once planned).
+    pub state: Option<Release>,
+    /// The request, until it is planned.
+    pub request: Option<NewReleaseRequest>,
+    /// Why it could not be planned.
+    pub error: Option<String>,
 }
 
 /// The stored release with its summary.
 pub async fn release_view(store: &Store, id: &str) -> Result<ReleaseView> {
     let record = store.release(id).await?;
-    let release = decode(&record)?;
+    let (state, request, error) = match decode_stored(&record)? {
+        StoredRelease::Planned { release } => (Some(*release), None, None),
+        StoredRelease::Requested { request } => (None, Some(request), None),
+        StoredRelease::Refused { request, error } => (None, Some(request), Some(error)),
+    };
     Ok(ReleaseView {
-        summary: summarize(&release),
+        summary: state.as_ref().map(summarize),
         id: record.id,
         app: record.app,
         env: record.env,
@@ -216,7 +306,9 @@ pub async fn release_view(store: &Store, id: &str) -> Result<ReleaseView> {
         created_by: record.created_by,
         created_at: record.created_at,
         updated_at: record.updated_at,
-        state: release,
+        state,
+        request,
+        error,
     })
 }
 
@@ -290,7 +382,7 @@ pub async fn request(store: &Store, id: &str, event: Event, actor: &str) -> Resu
         if let Some(why) = transition.rejected {
             return Err(Error::Rejected(why));
         }
-        let state = encode(&transition.release);
+        let state = planned(&transition.release);
         let mut commit = commit_of(
             id,
             record.version,
@@ -435,12 +527,70 @@ enum Next {
 }
 
 impl Driver {
+    /// Plans a requested release over the runtime's instances and stores
+    /// the plan (or why there is none); None when the release is refused
+    /// or was changed meanwhile.
+    async fn plan<R: Runtime>(
+        &self,
+        record: &ReleaseRecord,
+        request: &NewReleaseRequest,
+        runtime: &R,
+    ) -> Result<Option<(Release, i64)>> {
+        let fleet = runtime.fleet().await?;
+        let (state, status, release, event) = match plan_release(&record.id, fleet, request) {
+            Ok(release) => {
+                let event = serde_json::json!({"kind": "planned", "status": release.status});
+                (
+                    planned(&release),
+                    release.status.label(),
+                    Some(release),
+                    event,
+                )
+            }
+            Err(e) => {
+                let error = e.to_string();
+                warn!(error = %error, "release refused");
+                let event = serde_json::json!({"kind": "refused", "error": error});
+                let state = encode(&StoredRelease::Refused {
+                    request: request.clone(),
+                    error,
+                });
+                (state, REFUSED, None, event)
+            }
+        };
+        let commit = ReleaseCommit {
+            id: &record.id,
+            expected_version: record.version,
+            lease_owner: Some(&self.owner),
+            state: &state,
+            status,
+            finished: release.is_none(),
+            planned: Vec::new(),
+            done: Vec::new(),
+            failed: Vec::new(),
+            event: Some(event),
+            audit: None,
+        };
+        match self.store.commit_release(&commit).await? {
+            CommitOutcome::Written(version) => Ok(release.map(|r| (r, version))),
+            CommitOutcome::Stale => Ok(None),
+        }
+    }
+
     async fn drive<R: Runtime>(self, record: ReleaseRecord, runtime: Arc<R>) -> Result<()> {
         let id = record.id.clone();
         // Subscribe before anything is applied, so no observation is missed.
         let mut events = runtime.events().await?;
-        let mut release = decode(&record)?;
-        let mut version = record.version;
+        let (mut release, mut version) = match decode_stored(&record)? {
+            StoredRelease::Planned { release } => (*release, record.version),
+            StoredRelease::Refused { .. } => return Ok(()),
+            StoredRelease::Requested { request } => {
+                match self.plan(&record, &request, runtime.as_ref()).await? {
+                    Some(planned) => planned,
+                    None => return Ok(()),
+                }
+            }
+        };
         let mut done_steps: HashSet<String> = self
             .store
             .release_journal(&id)
@@ -452,6 +602,7 @@ impl Driver {
         let (done_tx, mut done_rx) = mpsc::channel::<(StepId, Result<(), RuntimeError>)>(256);
         let mut in_flight: HashSet<StepId> = HashSet::new();
         let mut queued: Vec<Input> = Vec::new();
+        let mut deferred: Vec<Input> = Vec::new();
         // The instances the runtime knows come first (the machine's contract).
         while let Ok(event) = events.try_recv() {
             queued.push(Input {
@@ -565,6 +716,14 @@ impl Driver {
                     }
                 }
                 Next::Input(input) => {
+                    if let Event::Instance(event) = &input.event
+                        && starting(&release, &event.instance)
+                    {
+                        deferred.push(input);
+                        continue;
+                    }
+                    let completion =
+                        matches!(input.event, Event::Done { .. } | Event::ActionFailed { .. });
                     let mut attempts = 0;
                     loop {
                         let transition = step(&release, &input);
@@ -573,7 +732,7 @@ impl Driver {
                         {
                             break; // nothing changed: nothing to write
                         }
-                        let state = encode(&transition.release);
+                        let state = planned(&transition.release);
                         let commit = commit_of(
                             &id,
                             version,
@@ -606,8 +765,34 @@ impl Driver {
                             }
                         }
                     }
+                    if completion {
+                        // News of instances whose start is now confirmed
+                        // goes first, in the order it came.
+                        let (ready, still): (Vec<_>, Vec<_>) =
+                            deferred.drain(..).partition(|input| match &input.event {
+                                Event::Instance(event) => !starting(&release, &event.instance),
+                                _ => true,
+                            });
+                        deferred = still;
+                        queued.splice(0..0, ready);
+                    }
                 }
             }
         }
     }
+}
+
+/// Whether a start of `instance` (replace, start new, recreate) is issued
+/// and not yet confirmed. News of the new process can overtake the
+/// command's completion; the machine reads news of a process that it does
+/// not yet know was started against the instance as it was before (held
+/// out of traffic, say), so the engine delivers that news after the
+/// completion, which is the order in which things happened.
+fn starting(release: &Release, instance: &keelson_core::release::InstanceId) -> bool {
+    release.pending.iter().any(|a| match &a.command {
+        Command::StopAndReplace { instance: i, .. }
+        | Command::StartNew { instance: i, .. }
+        | Command::Recreate { instance: i, .. } => i == instance,
+        _ => false,
+    })
 }

@@ -26,8 +26,8 @@ pub mod local;
 pub mod runtime;
 
 pub use engine::{
-    NewReleaseRequest, ReleaseView, Worker, WorkerConfig, create_release, release_view, request,
-    step_name,
+    NewReleaseRequest, PLANNING, REFUSED, ReleaseView, StoredRelease, Worker, WorkerConfig,
+    create_release, release_view, request, step_name, submit_release,
 };
 pub use runtime::{Runtime, RuntimeError, Runtimes};
 

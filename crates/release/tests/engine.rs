@@ -15,7 +15,7 @@ use keelson_core::release::{
 use keelson_release::local::{LocalRuntime, LocalRuntimes, LocalSpec};
 use keelson_release::{
     Error, NewReleaseRequest, Runtime, Worker, WorkerConfig, create_release, release_view, request,
-    step_name,
+    step_name, submit_release,
 };
 use keelson_store::testing::{TestDatabase, test_database};
 use keelson_store::{Backend, JournalStatus, Store};
@@ -120,14 +120,19 @@ impl Scene {
             .await
             .expect("read the release")
             .state
+            .expect("a planned release")
     }
 
     /// Waits until the release's status label is `label`.
     async fn wait_status(&self, id: &str, label: &str) -> Release {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let release = self.release(id).await;
-            if release.status.label() == label {
+            let view = release_view(&self.store, id)
+                .await
+                .expect("read the release");
+            let release = view.state.expect("a planned release");
+            // A terminal state may still have clearing-up actions to apply.
+            if release.status.label() == label && (view.finished || !release.status.is_terminal()) {
                 return release;
             }
             assert!(
@@ -540,5 +545,41 @@ async fn postgres_workers_share_releases_through_leases() {
             .count(),
         2
     );
+    runtime.stop_all().await;
+}
+
+#[tokio::test]
+async fn submitted_releases_are_planned_by_the_worker_or_refused() {
+    let scene = Scene::new(Backend::Sqlite).await.expect("sqlite");
+    let runtime = scene.deploy(2).await;
+    let submit = |app: &str, batches: u32| NewReleaseRequest {
+        id: None,
+        app: app.into(),
+        env: ENV.into(),
+        version: Version::from("v2"),
+        desired: None,
+        settings: settings(Strategy::InPlace, batches, no_pause()),
+        actor: "alice".into(),
+    };
+    let shop = submit_release(&scene.store, &submit(APP, 2))
+        .await
+        .expect("submit");
+    assert_eq!(shop.status, "planning");
+    // No instance of `empty` runs anywhere: nothing to plan from.
+    let empty = submit_release(&scene.store, &submit("empty", 2))
+        .await
+        .expect("submit");
+    let refused = request(&scene.store, &empty.id, Event::Pause, "alice").await;
+    assert!(matches!(refused, Err(Error::Rejected(_))), "{refused:?}");
+    scene.worker("w1").run_until_idle().await.expect("worker");
+
+    let view = release_view(&scene.store, &shop.id).await.expect("view");
+    assert_eq!(view.status, "succeeded");
+    let summary = serde_json::to_value(view.summary.expect("summary")).expect("json");
+    assert!(summary.to_string().contains("v2"), "{summary}");
+    let view = release_view(&scene.store, &empty.id).await.expect("view");
+    assert_eq!((view.status.as_str(), view.finished), ("refused", true));
+    assert!(view.error.expect("why").contains("no instances"));
+    assert!(view.state.is_none());
     runtime.stop_all().await;
 }
