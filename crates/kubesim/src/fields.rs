@@ -377,13 +377,13 @@ fn top_fields(entry: &Value) -> Vec<&str> {
 }
 
 /// Writes `metadata.managedFields` (dropping entries that own nothing).
-pub fn write_managers(obj: &mut Value, managers: &[ManagerEntry]) {
+pub fn write_managers(obj: &mut Value, managers: Vec<ManagerEntry>) {
     let list: Vec<Value> = managers
-        .iter()
+        .into_iter()
         .filter(|m| m.raw.is_some() || !m.fields.is_empty())
         .map(|m| {
-            if let Some(raw) = &m.raw {
-                return raw.clone();
+            if let Some(raw) = m.raw {
+                return raw;
             }
             let mut e = json!({
                 "manager": m.manager,
@@ -431,13 +431,15 @@ pub fn record_update(
         .filter(|(p, v)| old_leaves.get(*p) != Some(*v))
         .map(|(p, _)| p.clone())
         .collect();
-    let removed: Vec<&Path> = old_leaves
+    let removed: Vec<Path> = old_leaves
         .keys()
         .filter(|p| !new_leaves.contains_key(*p))
+        .cloned()
         .collect();
+    drop(new_leaves);
     let touched: BTreeSet<&str> = changed
         .iter()
-        .chain(removed.iter().copied())
+        .chain(removed.iter())
         .filter_map(|p| match p.first() {
             Some(PathElem::Field(f)) => Some(f.as_str()),
             _ => None,
@@ -445,16 +447,26 @@ pub fn record_update(
         .collect();
     // Entries owning nothing under a touched top-level field stay as read,
     // without decoding.
-    let mut managers: Vec<ManagerEntry> = old
-        .and_then(|o| o.pointer("/metadata/managedFields"))
-        .and_then(Value::as_array)
+    // `new` carries the entries of `old` (callers copy them over); taking
+    // them spares copying each untouched entry once more.
+    let entries: Vec<Value> = match old {
+        None => Vec::new(),
+        Some(_) => match new
+            .get_mut("metadata")
+            .and_then(Value::as_object_mut)
+            .and_then(|m| m.remove("managedFields"))
+        {
+            Some(Value::Array(a)) => a,
+            _ => Vec::new(),
+        },
+    };
+    let mut managers: Vec<ManagerEntry> = entries
         .into_iter()
-        .flatten()
         .map(|e| {
             let same_slot = e["manager"].as_str() == Some(manager)
                 && e["operation"].as_str() == Some("Update")
                 && e["subresource"].as_str() == subresource;
-            if !same_slot && !top_fields(e).iter().any(|f| touched.contains(f)) {
+            if !same_slot && !top_fields(&e).iter().any(|f| touched.contains(f)) {
                 return ManagerEntry {
                     manager: e["manager"].as_str().unwrap_or("").to_string(),
                     operation: e["operation"].as_str().unwrap_or("Update").to_string(),
@@ -462,10 +474,10 @@ pub fn record_update(
                     time: String::new(),
                     subresource: e["subresource"].as_str().map(String::from),
                     fields: FieldSet::new(),
-                    raw: Some(e.clone()),
+                    raw: Some(e),
                 };
             }
-            let mut m = read_managers(&json!({"metadata": {"managedFields": [e]}}))
+            let mut m = read_managers(&json!({"metadata": {"managedFields": [&e]}}))
                 .pop()
                 .expect("one entry was given");
             let before = m.fields.len();
@@ -499,7 +511,7 @@ pub fn record_update(
             }),
         }
     }
-    write_managers(new, &managers);
+    write_managers(new, managers);
 }
 
 /// A field another manager owns with a different value.
@@ -600,7 +612,7 @@ pub fn apply(
             raw: None,
         }),
     }
-    write_managers(&mut merged, &managers);
+    write_managers(&mut merged, managers);
     Ok(merged)
 }
 

@@ -406,22 +406,18 @@ impl Machinery {
             .field_manager
             .clone()
             .unwrap_or_else(|| "unknown".into());
-        let submitted = body.clone();
         self.create_prepared(res, ns, body, opts, |obj| {
-            // Ownership covers what the client sent, not the defaults.
-            let mut managed = submitted.clone();
+            // Called before defaulting: ownership covers what the client
+            // sent, not the defaults.
             fields::record_update(
                 None,
-                &mut managed,
+                obj,
                 &manager,
                 &rt.api_version(),
                 None,
                 scope_of(rt, Sub::Main),
                 &util::now_rfc3339(),
             );
-            if let Some(mf) = managed.pointer("/metadata/managedFields").cloned() {
-                meta_mut(obj).insert("managedFields".into(), mf);
-            }
         })
     }
 
