@@ -120,6 +120,7 @@ fn deploy_request(port: u16) -> DeployRequest {
             authorization: None,
         },
         artifact: None,
+        version: Some("1.4.2".into()),
         command: vec![APP.into(), port.to_string()],
         env: Default::default(),
         working_dir: None,
@@ -331,6 +332,7 @@ async fn the_client_drives_instances_and_events_of_all_hosts_arrive_as_one_strea
     let client = HostClient::for_host(&a.record("web")).unwrap();
     let view = client.instance("orders-1").await.unwrap();
     assert!(view.online);
+    assert_eq!(view.version.as_deref(), Some("1.4.2"));
     // A hold takes it out of traffic; the stream says so.
     let held = client.hold("orders-1").await.unwrap();
     assert!(held.held && !held.online);

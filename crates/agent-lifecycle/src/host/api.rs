@@ -91,6 +91,9 @@ pub struct DeployRequest {
     /// The same lifecycle document a pod gets (checkurl, hooks, drain, …).
     /// On hosts, `authorization.tokenPath` is replaced by the host token.
     pub lifecycle: LifecycleDocument,
+    /// The version being deployed, as the release knows it (shown in views).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     /// The app's files; none when the command is already on the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact: Option<Artifact>,
@@ -249,6 +252,8 @@ pub struct InstanceView {
     pub deployed_at: String,
     /// What was deployed.
     pub artifact: Option<Artifact>,
+    /// The deployed version, when the deploy named one.
+    pub version: Option<String>,
     /// The end of the instance's log (the offset a follower resumes from).
     pub log_offset: u64,
 }

@@ -481,6 +481,7 @@ impl Daemon {
                 .log_segment_bytes
                 .unwrap_or(log::DEFAULT_SEGMENT_BYTES),
             artifact: request.artifact.clone(),
+            version: request.version.clone(),
             deployed_at: rfc3339_now(),
         };
         let layout = dir.layout(&spec);

@@ -48,6 +48,9 @@ pub struct HostSpec {
     pub log_segment_bytes: u64,
     /// What was deployed.
     pub artifact: Option<Artifact>,
+    /// The deployed version.
+    #[serde(default)]
+    pub version: Option<String>,
     /// When.
     pub deployed_at: String,
 }
@@ -215,6 +218,7 @@ impl InstanceDir {
             message: record.as_ref().and_then(|r| r.message.clone()),
             deployed_at: spec.deployed_at.clone(),
             artifact: spec.artifact.clone(),
+            version: spec.version.clone(),
             log_offset: super::log::end_offset(&self.logs()),
         }
     }
