@@ -190,30 +190,25 @@ impl FieldSelector {
         self.0.is_empty()
     }
 
-    /// Whether the selector needs only the name and namespace.
-    fn metadata_only(&self) -> bool {
-        self.0
-            .iter()
-            .all(|(k, _, _)| k == "metadata.name" || k == "metadata.namespace")
-    }
-
-    /// Whether a stored object matches (parsing its JSON only when a field
-    /// other than name and namespace is selected).
+    /// Whether a stored object matches, inflating and parsing it only when
+    /// a selected field is neither name, namespace nor an indexed field.
     pub fn matches(&self, obj: &Obj) -> bool {
-        if self.is_empty() {
-            return true;
-        }
-        if self.metadata_only() {
-            return self.0.iter().all(|(k, v, eq)| {
-                let x = if k == "metadata.name" {
-                    obj.name()
-                } else {
-                    obj.namespace()
-                };
-                (x == v) == *eq
-            });
-        }
-        self.matches_value(&obj.value())
+        let mut parsed: Option<Value> = None;
+        self.0.iter().all(|(k, v, eq)| {
+            let equal = match k.as_str() {
+                "metadata.name" => obj.name() == v,
+                "metadata.namespace" => obj.namespace() == v,
+                other => match obj.indexed_field(other) {
+                    Some(x) => x == v,
+                    None => {
+                        let whole = parsed.get_or_insert_with(|| obj.value());
+                        return FieldSelector(vec![(k.clone(), v.clone(), *eq)])
+                            .matches_value(whole);
+                    }
+                },
+            };
+            equal == *eq
+        })
     }
 
     /// Whether a JSON object matches. A missing field reads as `""`.
@@ -249,6 +244,32 @@ mod tests {
         let m = json!({"app": "web", "tier": "a", "canary": "1"});
         assert!(!s.matches_map(m.as_object()));
         assert!(LabelSelector::parse("a b c").is_err());
+    }
+
+    #[test]
+    fn stored_objects_match_indexed_and_other_fields() {
+        use crate::resources::ids::PODS;
+        use crate::store::{Expect, Store};
+        let s = Store::new(10);
+        let pod = json!({"metadata": {"name": "p", "namespace": "a", "uid": "u"},
+            "spec": {"nodeName": "n1", "restartPolicy": "Always"}, "status": {"phase": "Running"}});
+        let o = s.write(PODS, "a/p", Expect::Absent, Some(pod)).unwrap();
+        assert_eq!(o.indexed_field("spec.nodeName"), Some("n1"));
+        assert_eq!(o.indexed_field("involvedObject.uid"), Some(""));
+        assert_eq!(o.indexed_field("spec.restartPolicy"), None);
+        let yes = FieldSelector::parse(
+            "spec.nodeName=n1,status.phase!=Failed,spec.restartPolicy=Always,metadata.namespace=a",
+        )
+        .unwrap();
+        assert!(yes.matches(&o));
+        for no in [
+            "spec.nodeName=n2",
+            "spec.restartPolicy=Never",
+            "metadata.name!=p",
+            "involvedObject.uid=u",
+        ] {
+            assert!(!FieldSelector::parse(no).unwrap().matches(&o), "{no}");
+        }
     }
 
     #[test]

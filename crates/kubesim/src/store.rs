@@ -43,7 +43,23 @@ pub struct Obj {
     pub uid: Arc<str>,
     /// The uids in `metadata.ownerReferences`.
     pub owners: Box<[Arc<str>]>,
+    /// Values of the [`INDEXED_FIELDS`] the object has, by position.
+    indexed: Box<[(u8, Box<str>)]>,
 }
+
+/// Fields kept beside each object so that field selectors on them (a
+/// kubelet's `spec.nodeName=…`, `status.phase!=…`, events by involved
+/// object) need not inflate and parse the object.
+pub const INDEXED_FIELDS: &[&str] = &[
+    "spec.nodeName",
+    "status.phase",
+    "spec.schedulerName",
+    "involvedObject.uid",
+    "involvedObject.name",
+    "involvedObject.namespace",
+    "involvedObject.kind",
+    "type",
+];
 
 impl Obj {
     /// The whole object as JSON.
@@ -72,6 +88,18 @@ impl Obj {
             .split_once('/')
             .map(|(_, n)| n)
             .unwrap_or(&self.key)
+    }
+
+    /// The value of an indexed field: `Some("")` when the object lacks it,
+    /// `None` when the path is not one of [`INDEXED_FIELDS`].
+    pub fn indexed_field(&self, path: &str) -> Option<&str> {
+        let pos = INDEXED_FIELDS.iter().position(|f| *f == path)?;
+        Some(
+            self.indexed
+                .iter()
+                .find(|(i, _)| usize::from(*i) == pos)
+                .map_or("", |(_, v)| &**v),
+        )
     }
 
     /// The value of one label.
@@ -573,7 +601,25 @@ fn build_obj(inner: &mut Inner, key: &str, rv: u64, value: &Value) -> Obj {
                 .collect()
         })
         .unwrap_or_default();
+    let indexed: Box<[(u8, Box<str>)]> = INDEXED_FIELDS
+        .iter()
+        .enumerate()
+        .filter_map(|(i, path)| {
+            let mut cur = Some(value);
+            for part in path.split('.') {
+                cur = cur.and_then(|c| c.get(part));
+            }
+            let text = match cur? {
+                Value::String(s) => s.clone(),
+                Value::Bool(b) => b.to_string(),
+                Value::Number(n) => n.to_string(),
+                _ => return None,
+            };
+            Some((i as u8, text.into_boxed_str()))
+        })
+        .collect();
     Obj {
+        indexed,
         key: key.into(),
         rv,
         packed: lz4_flex::compress_prepend_size(&serde_json::to_vec(value).unwrap_or_default())
