@@ -149,6 +149,13 @@ const PAGE: [Param; 2] = [
     query_param("cursor", "string", "The previous page's nextCursor."),
 ];
 
+const RELEASE_ID: Param = path_param("id", "string", "The release's id.");
+const RELEASE_STEERED: &[Reply] = &[Reply {
+    status: 200,
+    description: "the release after the request; 409 (code release_state) when its state does not allow it",
+    schema: Some(crate::releases::release_schema),
+}];
+
 /// Every route the server answers.
 pub static ENDPOINTS: &[Endpoint] = &[
     Endpoint {
@@ -529,6 +536,122 @@ pub static ENDPOINTS: &[Endpoint] = &[
             schema: Some(schema::<TokenRecord>),
         }],
         handler: || delete(revoke_token),
+    },
+    // Releases (crate::releases).
+    Endpoint {
+        method: Method::POST,
+        path: "/api/v1/apps/{name}/releases",
+        operation_id: "createRelease",
+        summary: "Release a version of the app in an environment; a worker plans it over the running instances and runs it.",
+        access: Access::Writer,
+        params: &[NAME],
+        request: Some((
+            &["application/json"],
+            schema::<crate::releases::ReleaseBody>,
+        )),
+        replies: &[Reply {
+            status: 202,
+            description: "accepted (status `planning`); 409 while another release of the app in that environment runs",
+            schema: Some(crate::releases::release_schema),
+        }],
+        handler: || post(crate::releases::create_release),
+    },
+    Endpoint {
+        method: Method::GET,
+        path: "/api/v1/apps/{name}/releases",
+        operation_id: "listReleases",
+        summary: "The app's releases, newest first.",
+        access: Access::Reader,
+        params: &[
+            NAME,
+            query_param("env", "string", "Only releases in this environment."),
+            query_param(
+                "limit",
+                "integer",
+                "At most this many, 1..=100 (default 20).",
+            ),
+        ],
+        request: None,
+        replies: &[Reply {
+            status: 200,
+            description: "the releases",
+            schema: Some(crate::releases::release_list_schema),
+        }],
+        handler: || get(crate::releases::list_releases),
+    },
+    Endpoint {
+        method: Method::GET,
+        path: "/api/v1/apps/{name}/releases/{id}",
+        operation_id: "getRelease",
+        summary: "A release: its state and a summary of batches and instances by state and version.",
+        access: Access::Reader,
+        params: &[NAME, RELEASE_ID],
+        request: None,
+        replies: &[Reply {
+            status: 200,
+            description: "the release",
+            schema: Some(crate::releases::release_schema),
+        }],
+        handler: || get(crate::releases::get_release),
+    },
+    Endpoint {
+        method: Method::POST,
+        path: "/api/v1/apps/{name}/releases/{id}/pause",
+        operation_id: "pauseRelease",
+        summary: "Pause a running release (409 with the reason when it cannot be paused).",
+        access: Access::Writer,
+        params: &[NAME, RELEASE_ID],
+        request: None,
+        replies: RELEASE_STEERED,
+        handler: || post(crate::releases::pause_release),
+    },
+    Endpoint {
+        method: Method::POST,
+        path: "/api/v1/apps/{name}/releases/{id}/resume",
+        operation_id: "resumeRelease",
+        summary: "Resume a paused release (409 with the reason when it is not paused).",
+        access: Access::Writer,
+        params: &[NAME, RELEASE_ID],
+        request: None,
+        replies: RELEASE_STEERED,
+        handler: || post(crate::releases::resume_release),
+    },
+    Endpoint {
+        method: Method::POST,
+        path: "/api/v1/apps/{name}/releases/{id}/abort",
+        operation_id: "abortRelease",
+        summary: "Abort a release: it stops where it is; its new instances leave traffic unless keepOnline.",
+        access: Access::Writer,
+        params: &[NAME, RELEASE_ID],
+        request: Some((&["application/json"], schema::<crate::releases::AbortBody>)),
+        replies: RELEASE_STEERED,
+        handler: || post(crate::releases::abort_release),
+    },
+    Endpoint {
+        method: Method::POST,
+        path: "/api/v1/apps/{name}/releases/{id}/rollback",
+        operation_id: "rollbackRelease",
+        summary: "Roll a release back to the previous version, batch by batch.",
+        access: Access::Writer,
+        params: &[NAME, RELEASE_ID],
+        request: None,
+        replies: RELEASE_STEERED,
+        handler: || post(crate::releases::rollback_release),
+    },
+    Endpoint {
+        method: Method::GET,
+        path: "/api/v1/releases/{id}/events",
+        operation_id: "releaseEvents",
+        summary: "The release's events as server-sent events (id, event kind, JSON data), from the start or after Last-Event-ID; the stream ends after the release's last event.",
+        access: Access::Reader,
+        params: &[RELEASE_ID],
+        request: None,
+        replies: &[Reply {
+            status: 200,
+            description: "text/event-stream",
+            schema: None,
+        }],
+        handler: || get(crate::releases::release_events),
     },
 ];
 

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod output;
 pub mod profile_input;
+pub mod releases;
 pub mod sample;
 pub mod serve;
 
