@@ -890,6 +890,45 @@ async fn bound_pods_terminate_gracefully_unbound_ones_go_at_once() {
 }
 
 #[tokio::test]
+async fn kubelet_style_watch_by_node_name() {
+    let (_sim, client) = sim().await;
+    let pods: Api<Pod> = Api::all(client.clone());
+    let rv = pods
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let mut w = pods
+        .watch(
+            &WatchParams::default()
+                .fields("spec.nodeName=node-1")
+                .disable_bookmarks(),
+            &rv,
+        )
+        .await
+        .unwrap()
+        .boxed();
+    let ns: Api<Pod> = Api::namespaced(client, "default");
+    for (name, node) in [("on-0", "node-0"), ("on-1", "node-1")] {
+        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": name},
+            "spec": {"nodeName": node, "containers": [{"name": "app", "image": "x:1"}]}}))
+        .unwrap();
+        ns.create(&PostParams::default(), &pod).await.unwrap();
+    }
+    match timeout(WAIT, w.next()).await.unwrap().unwrap().unwrap() {
+        WatchEvent::Added(p) => assert_eq!(p.metadata.name.as_deref(), Some("on-1")),
+        other => panic!("expected only the pod on node-1, got {other:?}"),
+    }
+    let on_0 = pods
+        .list(&ListParams::default().fields("spec.nodeName=node-0"))
+        .await
+        .unwrap();
+    assert_eq!(on_0.items.len(), 1);
+}
+
+#[tokio::test]
 async fn finalizers_hold_deletion_until_removed() {
     let (_sim, client) = sim().await;
     let api: Api<ConfigMap> = Api::namespaced(client, "default");
