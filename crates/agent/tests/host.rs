@@ -31,6 +31,7 @@ struct Host {
     address: String,
     token: String,
     daemon: Option<Child>,
+    allow_url: String,
 }
 
 impl Host {
@@ -48,6 +49,7 @@ impl Host {
             address: address.to_string(),
             token: token.to_string(),
             daemon: None,
+            allow_url: "http://127.0.0.1:9/allowed/".into(),
         };
         host.start_daemon();
         host
@@ -82,7 +84,7 @@ impl Host {
             .arg("--artifact-root")
             .arg(self.path("artifacts"))
             .arg("--allow-url")
-            .arg("http://127.0.0.1:9/allowed/")
+            .arg(&self.allow_url)
             .env("KEELSON_TEST_EVENTS", self.events_file())
             .stdin(Stdio::null())
             .stdout(Stdio::from(out.try_clone().unwrap()))
@@ -1164,6 +1166,89 @@ fn one_stream_carries_every_instances_events_and_resumes_per_instance() {
     assert_eq!(
         (s, e["error"]["field"].as_str()),
         (400, Some("from")),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_artifact_from_an_allowed_url_is_downloaded_and_unpacked() {
+    // A release archive with the app's hooks, served over plain HTTP.
+    let src = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(src.path().join("hooks")).unwrap();
+    std::fs::write(
+        src.path().join("hooks/warm.sh"),
+        "#!/bin/sh\necho warm from the archive\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        src.path().join("hooks/warm.sh"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::write(src.path().join("VERSION"), "2.0.0\n").unwrap();
+    let archive = src.path().join("orders-2.0.0.tar.gz");
+    let status = Command::new("tar")
+        .arg("-czf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(src.path())
+        .arg("hooks")
+        .arg("VERSION")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let bytes = std::fs::read(&archive).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}/releases/", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        keelson_agent_lifecycle::http::serve(listener, move |req| {
+            let mut r = keelson_agent_lifecycle::http::ServerResponse::text(404, "no");
+            if req.path == "/releases/orders-2.0.0.tar.gz" {
+                r.status = 200;
+                r.body = bytes.clone();
+            }
+            r
+        })
+    });
+
+    let mut host = Host::start("127.0.0.1");
+    host.kill_daemon();
+    host.allow_url = base.clone();
+    host.start_daemon();
+    let port = free_port();
+    let mut body = host.deploy_body(port, 0);
+    let mut d = doc(port);
+    d.hooks.pre_online = Some(script_hook("warm.sh", 10));
+    body["lifecycle"] = serde_json::to_value(&d).unwrap();
+    body["artifact"] = json!({"url": format!("{base}orders-2.0.0.tar.gz")});
+    body["start"] = json!(true);
+    let (status, v) = host.call("PUT", "/v1/instances/fetched", Some(&body));
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(
+        std::fs::read_to_string(host.path("state/instances/fetched/app/VERSION")).unwrap(),
+        "2.0.0\n"
+    );
+    host.wait_phase("fetched", "online");
+    assert!(
+        host.log_lines("fetched")
+            .iter()
+            .any(|l| l == "[preOnline] warm from the archive")
+    );
+
+    // A missing file on an allowed server is the request's fault, named.
+    host.ok("POST", "/v1/instances/fetched/stop", None);
+    body["artifact"] = json!({"url": format!("{base}orders-9.tar.gz")});
+    let (status, e) = host.call("PUT", "/v1/instances/fetched", Some(&body));
+    assert_eq!(
+        (status, e["error"]["field"].as_str()),
+        (400, Some("artifact.url")),
+        "{e}"
+    );
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("HTTP 404"),
         "{e}"
     );
 }

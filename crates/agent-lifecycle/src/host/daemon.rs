@@ -431,36 +431,50 @@ impl Daemon {
             ));
         }
         std::fs::create_dir_all(&dir.root).map_err(internal)?;
-        let working_dir = match &request.working_dir {
-            Some(wd) => PathBuf::from(wd),
+        // The default working directory is built aside and swapped in only
+        // when the artifact is in place, so a failed deploy leaves the
+        // previous version whole. A given working directory is written in place.
+        let (working_dir, staging) = match &request.working_dir {
+            Some(wd) => (PathBuf::from(wd), None),
             None => {
-                let wd = dir.default_working_dir();
-                if wd.exists() {
-                    std::fs::remove_dir_all(&wd).map_err(internal)?;
+                let staging = dir.root.join("app.staging");
+                if staging.exists() {
+                    std::fs::remove_dir_all(&staging).map_err(internal)?;
                 }
-                wd
+                (dir.default_working_dir(), Some(staging))
             }
         };
-        std::fs::create_dir_all(&working_dir).map_err(|e| {
+        let target = staging.clone().unwrap_or_else(|| working_dir.clone());
+        std::fs::create_dir_all(&target).map_err(|e| {
             ApiError::new(
                 500,
                 "internal",
-                format!("cannot create {}: {e}", working_dir.display()),
+                format!("cannot create {}: {e}", target.display()),
             )
             .field("working_dir")
         })?;
         if let Some(a) = &request.artifact {
-            artifact::install(
+            let installed = artifact::install(
                 a,
                 &self.config.artifact_roots,
                 &self.config.allowed_urls,
-                &working_dir,
+                &target,
                 &dir.root.join("download"),
-            )
-            .map_err(|e| {
+            );
+            let _ = std::fs::remove_dir_all(dir.root.join("download"));
+            if let Err(e) = installed {
+                if let Some(staging) = &staging {
+                    let _ = std::fs::remove_dir_all(staging);
+                }
                 let status = if e.bad_request { 400 } else { 500 };
-                ApiError::new(status, "invalid_artifact", e.message).field(e.field)
-            })?;
+                return Err(ApiError::new(status, "invalid_artifact", e.message).field(e.field));
+            }
+        }
+        if let Some(staging) = &staging {
+            if working_dir.exists() {
+                std::fs::remove_dir_all(&working_dir).map_err(internal)?;
+            }
+            std::fs::rename(staging, &working_dir).map_err(internal)?;
         }
         let mut doc = request.lifecycle.clone();
         if let Some(auth) = doc.authorization.as_mut() {
