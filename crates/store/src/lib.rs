@@ -244,6 +244,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "releases",
         include_str!("../migrations/sqlite/0002_releases.sql"),
     ),
+    (
+        3,
+        "one open release",
+        include_str!("../migrations/sqlite/0003_one_open_release.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -255,6 +260,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         2,
         "releases",
         include_str!("../migrations/postgres/0002_releases.sql"),
+    ),
+    (
+        3,
+        "one open release",
+        include_str!("../migrations/postgres/0003_one_open_release.sql"),
     ),
 ];
 

@@ -203,8 +203,18 @@ fn journal_from_row(row: &impl Columns) -> Result<JournalEntry> {
 impl Store {
     /// Creates a release (unclaimed, version 1); audited as `release.create`.
     pub async fn create_release(&self, release: &NewRelease<'_>) -> Result<ReleaseRecord> {
+        match self.insert_release(release).await {
+            Err(e) if e.is_unique_violation() => Err(Error::Conflict(format!(
+                "release {:?} already exists, or another release of {} in {} has not finished",
+                release.id, release.app, release.env
+            ))),
+            other => other,
+        }
+    }
+
+    async fn insert_release(&self, release: &NewRelease<'_>) -> Result<ReleaseRecord> {
         let _turn = self.writer_turn().await;
-        let result = on_pool!(self, |pool, dialect| {
+        on_pool!(self, |pool, dialect| {
             let mut tx = pool.begin_with(dialect.begin_write()).await?;
             let now = Timestamp::now().0;
             sqlx::query(
@@ -249,15 +259,8 @@ impl Store {
                 .await?;
             let record = release_from_row(&row)?;
             tx.commit().await?;
-            Ok::<_, Error>(record)
-        });
-        match result {
-            Err(e) if e.is_unique_violation() => Err(Error::Conflict(format!(
-                "release {:?} already exists",
-                release.id
-            ))),
-            other => other,
-        }
+            Ok(record)
+        })
     }
 
     /// The release with this id.

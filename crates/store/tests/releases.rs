@@ -11,12 +11,12 @@ async fn open(backend: Backend) -> Option<(Store, TestDatabase)> {
     Some((store, db))
 }
 
-async fn create(store: &Store, id: &str) {
+async fn create(store: &Store, id: &str, env: &str) {
     store
         .create_release(&NewRelease {
             id,
             app: "shop",
-            env: "prod",
+            env,
             state: &json!({"status": "pending"}),
             status: "pending",
             actor: "alice",
@@ -51,8 +51,8 @@ async fn leases_go_to_one_worker(backend: Backend) {
     let Some((store, _db)) = open(backend).await else {
         return;
     };
-    create(&store, "r1").await;
-    create(&store, "r2").await;
+    create(&store, "r1", "prod").await;
+    create(&store, "r2", "staging").await;
     let a = store
         .claim_releases("worker-a", 60_000, 10)
         .await
@@ -123,7 +123,7 @@ async fn journal_and_events_follow_commits(backend: Backend) {
     let Some((store, _db)) = open(backend).await else {
         return;
     };
-    create(&store, "r1").await;
+    create(&store, "r1", "prod").await;
     let state = json!({"status": "running", "n": 1});
     let mut first = commit("r1", 1, None, &state);
     first.planned = vec![(
@@ -220,4 +220,44 @@ async fn sqlite_journal_and_events_follow_commits() {
 #[tokio::test]
 async fn postgres_journal_and_events_follow_commits() {
     journal_and_events_follow_commits(Backend::Postgres).await;
+}
+
+async fn one_open_release_per_app_and_env(backend: Backend) {
+    let Some((store, _db)) = open(backend).await else {
+        return;
+    };
+    create(&store, "r1", "prod").await;
+    let second = store
+        .create_release(&NewRelease {
+            id: "r2",
+            app: "shop",
+            env: "prod",
+            state: &json!({}),
+            status: "pending",
+            actor: "alice",
+            detail: json!({}),
+        })
+        .await;
+    assert!(
+        matches!(second, Err(keelson_store::Error::Conflict(_))),
+        "{second:?}"
+    );
+    let done = json!({"status": "succeeded"});
+    let mut finish = commit("r1", 1, None, &done);
+    finish.finished = true;
+    assert_eq!(
+        store.commit_release(&finish).await.expect("commit"),
+        CommitOutcome::Written(2)
+    );
+    create(&store, "r2", "prod").await;
+}
+
+#[tokio::test]
+async fn sqlite_one_open_release_per_app_and_env() {
+    one_open_release_per_app_and_env(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn postgres_one_open_release_per_app_and_env() {
+    one_open_release_per_app_and_env(Backend::Postgres).await;
 }
