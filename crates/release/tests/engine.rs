@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use keelson_core::profile::{Batches, Duration as ProfileDuration, Pause, Strategy};
 use keelson_core::release::{
-    Event, FailedInstancePolicy, Fleet, InstanceState, Release, ReleaseSettings, Status, Track,
-    Version,
+    Event, FailedInstancePolicy, Fleet, InstanceState, OutcomeState, Release, ReleaseSettings,
+    Status, Track, Version,
 };
 use keelson_release::local::{LocalRuntime, LocalRuntimes, LocalSpec};
 use keelson_release::{
@@ -154,6 +154,7 @@ fn spec(log: &Path) -> LocalSpec {
         app: format!(
             r#"echo "$KEELSON_INSTANCE,start,$KEELSON_VERSION,$KEELSON_GENERATION" >> "{log}"
 case "$KEELSON_VERSION" in broken*) exit 3;; esac
+case "$KEELSON_SLOT/$KEELSON_VERSION" in vm-1/partly-broken) exit 3;; esac
 : > "$KEELSON_READY_FILE"
 exec sleep 300"#
         ),
@@ -581,5 +582,111 @@ async fn submitted_releases_are_planned_by_the_worker_or_refused() {
     assert_eq!((view.status.as_str(), view.finished), ("refused", true));
     assert!(view.error.expect("why").contains("no instances"));
     assert!(view.state.is_none());
+    runtime.stop_all().await;
+}
+
+#[tokio::test]
+async fn tolerated_failures_let_the_release_finish() {
+    let scene = Scene::new(Backend::Sqlite).await.expect("sqlite");
+    let runtime = scene.deploy(2).await;
+    let mut settings = settings(Strategy::InPlace, 2, no_pause());
+    settings.failed_instances = FailedInstancePolicy::Tolerate { max_ratio: 0.5 };
+    let id = scene.create(&runtime, "partly-broken", settings).await;
+    scene.worker("w1").run_until_idle().await.expect("worker");
+    let release = scene.release(&id).await;
+    assert_eq!(release.status, Status::Succeeded);
+    let states: Vec<_> = release
+        .outcomes
+        .iter()
+        .map(|o| (o.instance.0.as_str(), o.state))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("vm-0@blue", OutcomeState::Online),
+            ("vm-1@blue", OutcomeState::Tolerated)
+        ]
+    );
+    let live = versions_online(&runtime).await;
+    assert_eq!(
+        live[0],
+        (
+            "vm-0@blue".into(),
+            "partly-broken".into(),
+            InstanceState::Online
+        )
+    );
+    assert_eq!(live[1].2, InstanceState::Failed, "{live:?}");
+    runtime.stop_all().await;
+}
+
+#[tokio::test]
+async fn timed_pauses_end_by_themselves() {
+    let scene = Scene::new(Backend::Sqlite).await.expect("sqlite");
+    let runtime = scene.deploy(2).await;
+    let pause = Pause::For(ProfileDuration::parse("300ms").expect("duration"));
+    let id = scene
+        .create(&runtime, "v2", settings(Strategy::InPlace, 2, pause))
+        .await;
+    scene.worker("w1").run_until_idle().await.expect("worker");
+    assert_eq!(scene.release(&id).await.status, Status::Succeeded);
+    let events = scene
+        .store
+        .release_events(&id, 0, 1000)
+        .await
+        .expect("events");
+    let pausing = events
+        .iter()
+        .find(|e| e.body["status"]["status"] == "pausing")
+        .expect("a pause between the batches");
+    let tick = events
+        .iter()
+        .find(|e| e.body["kind"] == "tick")
+        .expect("the pause ended by a tick");
+    assert!(
+        tick.at.0 - pausing.at.0 >= 300,
+        "{} ms",
+        tick.at.0 - pausing.at.0
+    );
+    runtime.stop_all().await;
+}
+
+#[tokio::test]
+async fn rollback_returns_every_instance_to_the_previous_version() {
+    let scene = Scene::new(Backend::Sqlite).await.expect("sqlite");
+    let runtime = scene.deploy(2).await;
+    let id = scene
+        .create(&runtime, "v2", settings(Strategy::InPlace, 2, no_pause()))
+        .await;
+    scene.worker("w1").run_until_idle().await.expect("worker");
+    assert_eq!(scene.release(&id).await.status, Status::Succeeded);
+    request(&scene.store, &id, Event::Rollback, "alice")
+        .await
+        .expect("roll back");
+    // A second worker (a restarted server) picks the release up again.
+    scene.worker("w2").run_until_idle().await.expect("worker");
+    assert_eq!(scene.release(&id).await.status, Status::RolledBack);
+    assert_eq!(
+        versions_online(&runtime).await,
+        vec![
+            (
+                "vm-0@blue".to_string(),
+                "v1".to_string(),
+                InstanceState::Online
+            ),
+            (
+                "vm-1@blue".to_string(),
+                "v1".to_string(),
+                InstanceState::Online
+            ),
+        ]
+    );
+    let lines = scene.lines();
+    assert_once(&lines);
+    assert_eq!(
+        lines.iter().filter(|l| l.contains(",start,v1,")).count(),
+        4,
+        "{lines:#?}"
+    );
     runtime.stop_all().await;
 }
