@@ -475,13 +475,16 @@ async fn reference_run(strategy: Strategy) -> (Vec<String>, Vec<String>) {
     (steps, lines)
 }
 
-async fn crash_at_every_step(strategy: Strategy) {
+async fn crash_at_every_step(strategy: Strategy, backend: Backend) {
+    if Scene::new(backend).await.is_none() {
+        return; // PostgreSQL skipped on purpose
+    }
     let (steps, expected) = reference_run(strategy).await;
     assert!(steps.len() >= 4, "{steps:?}");
     for step in &steps {
         for when in ["before", "after"] {
             let at = format!("{step}:{when}");
-            let scene = Scene::new(Backend::Sqlite).await.expect("sqlite");
+            let scene = Scene::new(backend).await.expect("database");
             let runtime = scene.deploy(2).await;
             let id = scene
                 .create(&runtime, "v2", settings(strategy, 2, no_pause()))
@@ -514,12 +517,17 @@ async fn crash_at_every_step(strategy: Strategy) {
 
 #[tokio::test]
 async fn in_place_resumes_after_a_crash_at_every_step() {
-    crash_at_every_step(Strategy::InPlace).await;
+    crash_at_every_step(Strategy::InPlace, Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn postgres_in_place_resumes_after_a_crash_at_every_step() {
+    crash_at_every_step(Strategy::InPlace, Backend::Postgres).await;
 }
 
 #[tokio::test]
 async fn dual_deployment_resumes_after_a_crash_at_every_step() {
-    crash_at_every_step(Strategy::DualDeployment).await;
+    crash_at_every_step(Strategy::DualDeployment, Backend::Sqlite).await;
 }
 
 #[tokio::test]
@@ -689,4 +697,67 @@ async fn rollback_returns_every_instance_to_the_previous_version() {
         "{lines:#?}"
     );
     runtime.stop_all().await;
+}
+
+/// A release run to success and then rolled back by worker processes; the
+/// kill point applies to the rollback's run. Returns the rollback's steps,
+/// the sorted effects and the final status.
+async fn rolled_back_run(kill_at: Option<&str>) -> (Vec<String>, Vec<String>, Status) {
+    let scene = Scene::new(Backend::Sqlite).await.expect("sqlite");
+    let runtime = scene.deploy(2).await;
+    let id = scene
+        .create(&runtime, "v2", settings(Strategy::InPlace, 2, no_pause()))
+        .await;
+    assert_eq!(worker_process(&scene, None).await, 0);
+    request(&scene.store, &id, Event::Rollback, "alice")
+        .await
+        .expect("roll back");
+    if let Some(at) = kill_at {
+        assert_eq!(
+            worker_process(&scene, Some(at)).await,
+            137,
+            "kill point {at} was not reached"
+        );
+    }
+    assert_eq!(worker_process(&scene, None).await, 0);
+    let steps = scene
+        .store
+        .release_journal(&id)
+        .await
+        .expect("journal")
+        .into_iter()
+        .map(|e| {
+            let action: keelson_core::release::Action =
+                serde_json::from_value(e.action).expect("journaled action");
+            step_name(&action.id)
+        })
+        .filter(|s| s.starts_with("rollback/"))
+        .collect();
+    let mut lines = scene.lines();
+    assert_once(&lines);
+    lines.sort();
+    let online = versions_online(&runtime).await;
+    assert!(
+        online
+            .iter()
+            .all(|(_, v, s)| v == "v1" && *s == InstanceState::Online),
+        "after {kill_at:?}: {online:?}"
+    );
+    runtime.stop_all().await;
+    (steps, lines, scene.release(&id).await.status)
+}
+
+#[tokio::test]
+async fn rollback_resumes_after_a_crash_at_every_step() {
+    let (steps, expected, status) = rolled_back_run(None).await;
+    assert_eq!(status, Status::RolledBack);
+    assert!(steps.len() >= 4, "{steps:?}");
+    for step in &steps {
+        for when in ["before", "after"] {
+            let at = format!("{step}:{when}");
+            let (_, lines, status) = rolled_back_run(Some(&at)).await;
+            assert_eq!(status, Status::RolledBack, "after {at}");
+            assert_eq!(lines, expected, "effects after a crash at {at}");
+        }
+    }
 }
