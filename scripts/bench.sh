@@ -8,3 +8,5 @@ args=("$@")
 
 cargo run --quiet --release --locked -p keelson-cli --example render_bench -- "${args[@]}"
 cargo run --quiet --release --locked -p keelson-server --example api_bench -- "${args[@]}"
+cargo bench --quiet --locked -p keelson-hosts --bench host_bench -- "${args[@]}"
+cargo run --quiet --release --locked -p keelson-agent --example bench -- "${args[@]}"

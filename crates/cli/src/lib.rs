@@ -80,6 +80,9 @@ pub enum Command {
     /// Create, list and revoke API tokens (bootstrap the first with --database).
     #[command(subcommand)]
     Token(keelson_server::cli::TokenCommand),
+    /// Register and inspect hosts (VMs) running keelson-agent host.
+    #[command(subcommand)]
+    Host(keelson_hosts::cli::HostCommand),
 }
 
 /// How `validate` reports.
@@ -149,6 +152,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Client(c) => keelson_server::cli::run_client(c).map(|()| ExitCode::SUCCESS),
         Command::Serve(a) => keelson_server::cli::run_serve(a).map(|()| ExitCode::SUCCESS),
         Command::Token(t) => keelson_server::cli::run_token(t).map(|()| ExitCode::SUCCESS),
+        Command::Host(h) => keelson_hosts::cli::run(h).map(|()| ExitCode::SUCCESS),
         Command::Schema => {
             println!("{}", serde_json::to_string_pretty(&profile::json_schema())?);
             Ok(ExitCode::SUCCESS)
