@@ -218,14 +218,23 @@ impl Read for Deadlined {
     }
 }
 
+/// The longest line of a message head (request line, status line, header).
+const MAX_LINE_BYTES: usize = 8192;
+
 fn read_line_limited(reader: &mut impl BufRead, line: &mut String) -> io::Result<()> {
     let mut bytes = Vec::new();
-    reader.take(8192).read_until(b'\n', &mut bytes)?;
+    reader
+        .take(MAX_LINE_BYTES as u64)
+        .read_until(b'\n', &mut bytes)?;
     if bytes.is_empty() {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "connection closed before the response head ended",
         ));
+    }
+    // A line cut at the limit must not have its rest read as the next line.
+    if bytes.len() == MAX_LINE_BYTES && bytes.last() != Some(&b'\n') {
+        return Err(invalid("header line too long"));
     }
     line.push_str(&String::from_utf8_lossy(&bytes));
     Ok(())
@@ -256,7 +265,8 @@ fn read_body(reader: &mut impl BufRead, response: &Response) -> io::Result<Vec<u
             if size == 0 {
                 break;
             }
-            if body.len() + size > MAX_RESPONSE_BYTES {
+            // `size` is the peer's number: compare without adding to it.
+            if size > MAX_RESPONSE_BYTES - body.len() {
                 return Err(invalid("response body too large"));
             }
             let start = body.len();
@@ -274,8 +284,12 @@ fn read_body(reader: &mut impl BufRead, response: &Response) -> io::Result<Vec<u
         reader.read_exact(&mut body)?;
     } else {
         reader
-            .take(MAX_RESPONSE_BYTES as u64)
+            .take(MAX_RESPONSE_BYTES as u64 + 1)
             .read_to_end(&mut body)?;
+        // Cutting the body short would hand the caller a truncated document.
+        if body.len() > MAX_RESPONSE_BYTES {
+            return Err(invalid("response body too large"));
+        }
     }
     Ok(body)
 }
@@ -497,6 +511,74 @@ mod tests {
             body: vec![],
         };
         assert_eq!(read_body(&mut &raw[..], &resp).unwrap(), b"hello world");
+    }
+
+    fn chunked(raw: &[u8]) -> io::Result<Vec<u8>> {
+        let resp = Response {
+            status: 200,
+            headers: vec![("transfer-encoding".into(), "chunked".into())],
+            body: vec![],
+        };
+        read_body(&mut &raw[..], &resp)
+    }
+
+    #[test]
+    fn huge_chunk_sizes_are_errors_not_panics() {
+        for raw in [
+            &b"5\r\nhello\r\nffffffffffffffff\r\nx\r\n0\r\n\r\n"[..],
+            b"ffffffffffffffff\r\nx\r\n0\r\n\r\n",
+            b"100001\r\nx\r\n0\r\n\r\n",
+            b"1ffffffffffffffff\r\nx\r\n",
+        ] {
+            let err = chunked(raw).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        }
+    }
+
+    /// Serves one connection on loopback with `raw` as the whole response.
+    fn one_shot(raw: Vec<u8>) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(&raw);
+        });
+        port
+    }
+
+    fn get(port: u16) -> io::Result<Response> {
+        send(&Request {
+            method: "GET",
+            host: "127.0.0.1",
+            port,
+            path: "/",
+            headers: &[],
+            body: None,
+            timeout: Duration::from_secs(10),
+            read_body: true,
+        })
+    }
+
+    #[test]
+    fn an_overlong_header_line_is_an_error_not_two_headers() {
+        let mut raw = b"HTTP/1.1 200 OK\r\nX-Big: ".to_vec();
+        raw.extend(std::iter::repeat_n(b'a', 9000));
+        raw.extend_from_slice(b"\r\nContent-Length: 2\r\n\r\nok");
+        let err = get(one_shot(raw)).unwrap_err();
+        assert!(err.to_string().contains("too long"), "{err}");
+    }
+
+    #[test]
+    fn a_body_without_length_beyond_the_limit_is_an_error_not_truncated() {
+        let mut raw = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".to_vec();
+        raw.extend(std::iter::repeat_n(b'a', MAX_RESPONSE_BYTES + 10));
+        let err = get(one_shot(raw)).unwrap_err();
+        assert!(err.to_string().contains("too large"), "{err}");
+        let mut raw = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".to_vec();
+        raw.extend(std::iter::repeat_n(b'a', 1000));
+        assert_eq!(get(one_shot(raw)).unwrap().body.len(), 1000);
     }
 
     #[test]
