@@ -257,7 +257,10 @@ impl GrantClient {
                 elapsed_s: started.elapsed().as_secs(),
                 last: error.clone(),
             };
-            if Instant::now() + wait >= deadline {
+            if Instant::now()
+                .checked_add(wait)
+                .is_none_or(|at| at >= deadline)
+            {
                 return Err(give_up);
             }
             self.output.event(
@@ -281,7 +284,7 @@ fn classify<T>(resp: http::Response, what: &'static str) -> Attempt<T> {
             after: resp
                 .header("retry-after")
                 .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs),
+                .map(|s| Duration::from_secs(s.min(Backoff::MAX_RETRY_AFTER_S))),
         },
         status if status >= 500 => Attempt::Retry {
             error: format!("HTTP {status}: {}", snippet(&resp.body)),
@@ -324,6 +327,9 @@ impl Backoff {
     pub const INITIAL: Duration = Duration::from_millis(200);
     /// The cap of the exponential part.
     pub const MAX: Duration = Duration::from_secs(10);
+    /// The longest `Retry-After` honoured, in seconds: the header is the
+    /// server's number, and the wait is added to clocks.
+    pub const MAX_RETRY_AFTER_S: u64 = 300;
 
     /// A fresh backoff.
     pub fn new() -> Self {
@@ -340,7 +346,10 @@ impl Backoff {
         let ceiling = self.next;
         self.next = (self.next * 2).min(Self::MAX);
         match retry_after {
-            Some(after) => after + jitter(after / 2 + Duration::from_millis(100)),
+            Some(after) => {
+                let after = after.min(Duration::from_secs(Self::MAX_RETRY_AFTER_S));
+                after + jitter(after / 2 + Duration::from_millis(100))
+            }
             None => jitter(ceiling),
         }
     }
@@ -446,6 +455,25 @@ mod tests {
         let seen = seen.lock().unwrap();
         assert_eq!(seen.len(), 3);
         assert!(seen.iter().all(|s| s == "POST /api/v1/grants Bearer tok"));
+    }
+
+    #[test]
+    fn a_huge_retry_after_gives_up_at_the_deadline_instead_of_panicking() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "tok").unwrap();
+        let (url, seen) = stub(vec![(503, "busy", Some("18446744073709551615")); 3]);
+        let client = GrantClient::new(&url, &token, quiet()).unwrap();
+        let err = client
+            .acquire(&request(), Instant::now() + Duration::from_secs(20))
+            .unwrap_err();
+        assert!(
+            matches!(err, GrantError::Deadline { attempts: 1, .. }),
+            "{err}"
+        );
+        assert_eq!(seen.lock().unwrap().len(), 1);
+        let mut b = Backoff::new();
+        assert!(b.next(Some(Duration::MAX)) <= Duration::from_secs(451));
     }
 
     #[test]

@@ -656,6 +656,14 @@ fn spawn_server(listener: TcpListener, layout: Layout, shared: Arc<Shared>) {
     });
 }
 
+/// How long a lost lease is re-acquired for: its ttl (at least 10 s), capped
+/// at a day, since the ttl is the authorization API's number and a deadline
+/// past the clock's range would panic.
+fn renewal_deadline(ttl_s: u64) -> Instant {
+    let ttl = Duration::from_secs(ttl_s.clamp(10, 24 * 3600));
+    Instant::now() + ttl
+}
+
 fn spawn_renewer(client: GrantClient, config: &SidecarConfig, shared: Arc<Shared>, output: Output) {
     let request = GrantRequest {
         app: config.doc.app.clone(),
@@ -677,7 +685,9 @@ fn spawn_renewer(client: GrantClient, config: &SidecarConfig, shared: Arc<Shared
                 let third = Duration::from_secs(lease.ttl_s.max(3)) / 3;
                 third - third.mul_f64(fastrand::f64() * 0.1)
             });
-            let until = Instant::now() + period;
+            let until = Instant::now()
+                .checked_add(period)
+                .unwrap_or_else(|| renewal_deadline(u64::MAX));
             while Instant::now() < until {
                 if shared.stop_renewing.load(Ordering::SeqCst) {
                     return;
@@ -702,7 +712,7 @@ fn spawn_renewer(client: GrantClient, config: &SidecarConfig, shared: Arc<Shared
                 }
                 Ok(Renewal::Gone) => {
                     output.event("lease_lost", &[("lease_id", json!(lease.lease_id))]);
-                    let deadline = Instant::now() + Duration::from_secs(lease.ttl_s.max(10));
+                    let deadline = renewal_deadline(lease.ttl_s);
                     match client.acquire(&request, deadline) {
                         Ok(new) => {
                             output.event(
@@ -741,4 +751,17 @@ fn spawn_renewer(client: GrantClient, config: &SidecarConfig, shared: Arc<Shared
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_lease_ttl_gives_a_bounded_deadline_not_a_panic() {
+        let before = Instant::now();
+        let deadline = renewal_deadline(u64::MAX);
+        assert!(deadline <= before + Duration::from_secs(24 * 3600 + 1));
+        assert!(renewal_deadline(0) >= before + Duration::from_secs(10));
+    }
 }
