@@ -46,6 +46,12 @@ impl Url {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
         };
+        if authority.contains('@') {
+            // `http://trusted@other/` names the host `other`.
+            return Err(format!(
+                "`{url}` carries user information (`…@`); keelson-agent does not support it"
+            ));
+        }
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
             let (host, after) = v6
                 .split_once(']')
@@ -461,6 +467,11 @@ mod tests {
                 .contains("plain http://")
         );
         assert!(Url::parse("h:80").is_err());
+        assert!(
+            Url::parse("http://good@evil/")
+                .unwrap_err()
+                .contains("user information")
+        );
         assert!(Url::parse("http://h:99999").is_err());
     }
 

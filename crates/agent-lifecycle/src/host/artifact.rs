@@ -88,9 +88,23 @@ fn local_path(path: &str, roots: &[PathBuf]) -> Result<PathBuf, ArtifactError> {
 
 fn allowed_url(url: &str, allowed: &[String]) -> Result<Url, ArtifactError> {
     const F: &str = "artifact.url";
+    let parsed = Url::parse(url).map_err(|e| bad(F, format!("artifact.url: {e}")))?;
+    let path = parsed
+        .base_path
+        .split(['?', '#'])
+        .next()
+        .unwrap_or_default();
+    if !path_is_plain(path) {
+        return Err(bad(
+            F,
+            format!(
+                "artifact.url `{url}` has a `.`, `..` or encoded separator in its path; name the file directly"
+            ),
+        ));
+    }
     if !allowed
         .iter()
-        .any(|prefix| url.starts_with(prefix.as_str()))
+        .any(|prefix| url_is_under(&parsed, path, prefix))
     {
         return Err(bad(
             F,
@@ -106,7 +120,43 @@ fn allowed_url(url: &str, allowed: &[String]) -> Result<Url, ArtifactError> {
             },
         ));
     }
-    Url::parse(url).map_err(|e| bad(F, format!("artifact.url: {e}")))
+    Ok(parsed)
+}
+
+/// Whether a URL path has no segment a server could resolve upwards
+/// (`.`, `..`, percent-encoded dots) and no encoded or backslash separator.
+fn path_is_plain(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || lower.contains('\\') {
+        return false;
+    }
+    lower
+        .split('/')
+        .map(|segment| segment.replace("%2e", "."))
+        .all(|segment| segment != "." && segment != "..")
+}
+
+/// Whether `url` (with its path without query) lies under the allowed
+/// `prefix`: the same host and port, compared whole, not as text, and a path
+/// equal to the prefix's or below it at a `/`. So
+/// `http://allowed.example.com.evil/` is not under `http://allowed.example.com`,
+/// and `/releases-old/x` is not under `/releases`.
+fn url_is_under(url: &Url, path: &str, prefix: &str) -> bool {
+    let Ok(prefix) = Url::parse(prefix) else {
+        return false;
+    };
+    let base = prefix
+        .base_path
+        .split(['?', '#'])
+        .next()
+        .unwrap_or_default();
+    url.host.eq_ignore_ascii_case(&prefix.host)
+        && url.port == prefix.port
+        && (base.is_empty()
+            || path == base
+            || path
+                .strip_prefix(base)
+                .is_some_and(|rest| rest.starts_with('/')))
 }
 
 /// Installs `artifact` into `working_dir` (created); `scratch` holds
@@ -273,4 +323,50 @@ fn download(url: &Url, raw: &str, target: &Path) -> Result<(), ArtifactError> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn url_check(url: &str, allowed: &[&str]) -> Result<(), ArtifactError> {
+        let allowed: Vec<String> = allowed.iter().map(|s| s.to_string()).collect();
+        check(&Artifact::Url(url.into()), &[], &allowed)
+    }
+
+    #[test]
+    fn allowed_urls_match_host_port_and_path_segments_not_text() {
+        let prefixes = [
+            "http://allowed.example.com",
+            "http://files.example.com:8080/releases/",
+        ];
+        for ok in [
+            "http://allowed.example.com/app.tar.gz",
+            "http://ALLOWED.example.com/a/b.tgz",
+            "http://allowed.example.com:80/app.tar",
+            "http://files.example.com:8080/releases/app-1.tgz",
+            "http://files.example.com:8080/releases/1.0/app.tgz?sig=x",
+        ] {
+            assert_eq!(url_check(ok, &prefixes), Ok(()), "{ok}");
+        }
+        for bad in [
+            "http://allowed.example.com.evil/app.tar.gz",
+            "http://allowed.example.com.evil.net:80/x",
+            "http://allowed.example.com@evil.net/app.tar.gz",
+            "http://allowed.example.com:80@evil.net/app.tar.gz",
+            "http://allowed@evil.net/",
+            "http://allowed.example.com:8081/app.tar.gz",
+            "http://files.example.com:8080/releases-private/app.tgz",
+            "http://files.example.com:8080/releases/../admin/app.tgz",
+            "http://files.example.com:8080/releases/%2e%2E/admin/app.tgz",
+            "http://files.example.com:8080/releases/..%2fadmin/app.tgz",
+            "http://files.example.com:8080/releases/..\\admin/app.tgz",
+            "http://files.example.com/releases/app.tgz",
+            "https://allowed.example.com/app.tar.gz",
+        ] {
+            let err = url_check(bad, &prefixes).unwrap_err();
+            assert_eq!(err.field, "artifact.url", "{bad}");
+            assert!(err.bad_request, "{bad}");
+        }
+    }
 }
