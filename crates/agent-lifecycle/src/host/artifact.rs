@@ -194,7 +194,7 @@ pub fn install(
             })?;
             let name = file_name(url.split(['?', '#']).next().unwrap_or(url));
             let target = scratch.join(&name);
-            download(&parsed, url, &target)?;
+            download(&parsed, url, &target, MAX_DOWNLOAD_BYTES)?;
             (target, name)
         }
     };
@@ -249,8 +249,16 @@ fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// GETs `url` into `target`, streaming (no size limit but the disk's).
-fn download(url: &Url, raw: &str, target: &Path) -> Result<(), ArtifactError> {
+/// The largest artifact downloaded: an answer beyond it fails the deploy
+/// instead of filling the host's disk.
+pub const MAX_DOWNLOAD_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+
+/// The longest line and the most lines of a download's response head.
+const MAX_HEAD_LINE: u64 = 8 * 1024;
+const MAX_HEAD_LINES: usize = 100;
+
+/// GETs `url` into `target`, streaming, at most `max_bytes`.
+fn download(url: &Url, raw: &str, target: &Path, max_bytes: u64) -> Result<(), ArtifactError> {
     const F: &str = "artifact.url";
     let fail = |what: String| host_error(F, format!("cannot download `{raw}`: {what}"));
     let addr = (url.host.as_str(), url.port)
@@ -276,24 +284,38 @@ fn download(url: &Url, raw: &str, target: &Path) -> Result<(), ArtifactError> {
         .write_all(request.as_bytes())
         .map_err(|e| fail(e.to_string()))?;
     let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    reader
-        .read_line(&mut line)
-        .map_err(|e| fail(e.to_string()))?;
+    let head_line = |reader: &mut BufReader<TcpStream>| -> Result<String, ArtifactError> {
+        let mut bytes = Vec::new();
+        (&mut *reader)
+            .take(MAX_HEAD_LINE)
+            .read_until(b'\n', &mut bytes)
+            .map_err(|e| fail(e.to_string()))?;
+        if bytes.last() != Some(&b'\n') {
+            return Err(fail(if bytes.len() as u64 == MAX_HEAD_LINE {
+                "a response header line is too long".into()
+            } else {
+                "the response head ended early".into()
+            }));
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    let line = head_line(&mut reader)?;
     let status: u16 = line
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| fail("not an HTTP response".into()))?;
     let mut length: Option<u64> = None;
+    let mut lines = 0;
     loop {
-        line.clear();
-        reader
-            .read_line(&mut line)
-            .map_err(|e| fail(e.to_string()))?;
+        let line = head_line(&mut reader)?;
         let t = line.trim_end();
         if t.is_empty() {
             break;
+        }
+        lines += 1;
+        if lines > MAX_HEAD_LINES {
+            return Err(fail("too many response headers".into()));
         }
         if let Some((n, v)) = t.split_once(':') {
             let n = n.trim().to_ascii_lowercase();
@@ -310,12 +332,26 @@ fn download(url: &Url, raw: &str, target: &Path) -> Result<(), ArtifactError> {
     if status != 200 {
         return Err(bad(F, format!("cannot download `{raw}`: HTTP {status}")));
     }
-    let mut file = std::fs::File::create(target).map_err(|e| fail(e.to_string()))?;
-    let copied = match length {
-        Some(n) => std::io::copy(&mut reader.take(n), &mut file),
-        None => std::io::copy(&mut reader, &mut file),
+    let too_big = || {
+        bad(
+            F,
+            format!("cannot download `{raw}`: it is larger than the limit of {max_bytes} bytes"),
+        )
+    };
+    if length.is_some_and(|n| n > max_bytes) {
+        return Err(too_big());
     }
+    let mut file = std::fs::File::create(target).map_err(|e| fail(e.to_string()))?;
+    let copied = std::io::copy(
+        &mut reader.take(length.unwrap_or(max_bytes.saturating_add(1))),
+        &mut file,
+    )
     .map_err(|e| fail(e.to_string()))?;
+    if copied > max_bytes {
+        drop(file);
+        let _ = std::fs::remove_file(target);
+        return Err(too_big());
+    }
     if length.is_some_and(|n| n != copied) {
         return Err(fail(format!(
             "got {copied} of {} bytes",
@@ -332,6 +368,65 @@ mod tests {
     fn url_check(url: &str, allowed: &[&str]) -> Result<(), ArtifactError> {
         let allowed: Vec<String> = allowed.iter().map(|s| s.to_string()).collect();
         check(&Artifact::Url(url.into()), &[], &allowed)
+    }
+
+    /// Answers one connection on loopback with `head` and then `body_len`
+    /// bytes of `x`, written as long as the client reads.
+    fn one_shot(head: String, body_len: usize) -> Url {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(head.as_bytes());
+            let block = vec![b'x'; 64 * 1024];
+            let mut left = body_len;
+            while left > 0 {
+                let n = left.min(block.len());
+                if s.write_all(&block[..n]).is_err() {
+                    return;
+                }
+                left -= n;
+            }
+        });
+        Url::parse(&format!("http://127.0.0.1:{port}/a.tgz")).unwrap()
+    }
+
+    #[test]
+    fn downloads_beyond_the_limit_fail_and_leave_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("a.tgz");
+        // Announced too big: refused before reading the body.
+        let url = one_shot(
+            "HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\n\r\n".into(),
+            10,
+        );
+        let err = download(&url, "u", &target, 1000).unwrap_err();
+        assert!(err.message.contains("larger than the limit"), "{err}");
+        assert!(!target.exists());
+        // No length and an endless body: cut at the limit.
+        let url = one_shot("HTTP/1.1 200 OK\r\n\r\n".into(), 1 << 20);
+        let err = download(&url, "u", &target, 1000).unwrap_err();
+        assert!(err.message.contains("larger than the limit"), "{err}");
+        assert!(!target.exists());
+        // Within the limit, without a length: all of it.
+        let url = one_shot("HTTP/1.1 200 OK\r\n\r\n".into(), 1000);
+        download(&url, "u", &target, 1000).unwrap();
+        assert_eq!(std::fs::metadata(&target).unwrap().len(), 1000);
+    }
+
+    #[test]
+    fn a_download_with_an_endless_header_line_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let head = format!("HTTP/1.1 200 OK\r\nX-Big: {}", "a".repeat(1 << 20));
+        let url = one_shot(head, 0);
+        let err = download(&url, "u", &dir.path().join("a"), 1000).unwrap_err();
+        assert!(err.message.contains("too long"), "{err}");
+        let head = format!("HTTP/1.1 200 OK\r\n{}", "X: y\r\n".repeat(5000));
+        let url = one_shot(head, 0);
+        let err = download(&url, "u", &dir.path().join("a"), 1000).unwrap_err();
+        assert!(err.message.contains("too many"), "{err}");
     }
 
     #[test]
