@@ -21,6 +21,7 @@
 //! points ([`kill`]) let tests crash a worker at any step.
 
 pub mod engine;
+pub mod hosts;
 pub mod kill;
 pub mod local;
 pub mod runtime;
