@@ -10,13 +10,21 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The most connections served at once; more get `503`.
 pub const MAX_CONNECTIONS: usize = 256;
 
 /// The largest request body (a deploy request) accepted.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// The largest request head (request line and headers) accepted.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// The time a client has to send its whole request. A per-read timeout
+/// alone lets a client that sends a byte now and then hold a connection
+/// (one of [`MAX_CONNECTIONS`]) for ever.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
 
 /// One request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -119,6 +127,16 @@ pub fn serve(
     stop: Arc<AtomicBool>,
     handler: Arc<dyn Fn(Request) -> Reply + Send + Sync>,
 ) {
+    serve_within(listener, stop, handler, REQUEST_DEADLINE);
+}
+
+/// [`serve`], giving each client `request_deadline` to send its request.
+pub fn serve_within(
+    listener: TcpListener,
+    stop: Arc<AtomicBool>,
+    handler: Arc<dyn Fn(Request) -> Reply + Send + Sync>,
+    request_deadline: Duration,
+) {
     let active = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
@@ -140,7 +158,7 @@ pub fn serve(
             .name("keelson-host-conn".into())
             .stack_size(256 * 1024)
             .spawn(move || {
-                let _ = serve_one(stream, &*handler);
+                let _ = serve_one(stream, &*handler, request_deadline);
                 count.fetch_sub(1, Ordering::SeqCst);
             });
         if spawned.is_err() {
@@ -153,12 +171,22 @@ fn bad(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
 }
 
-/// Reads one request from `stream`.
+/// Reads one request from `stream`, within [`REQUEST_DEADLINE`].
 pub fn read_request(stream: &TcpStream) -> io::Result<Request> {
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
+    read_request_within(stream, REQUEST_DEADLINE)
+}
+
+/// Reads one request from `stream`; the whole request must arrive within
+/// `deadline`, its head within [`MAX_HEAD_BYTES`] and its body within
+/// [`MAX_BODY_BYTES`].
+pub fn read_request_within(stream: &TcpStream, deadline: Duration) -> io::Result<Request> {
+    let mut reader = BufReader::new(Deadlined {
+        stream: stream.try_clone()?,
+        deadline: Instant::now() + deadline,
+    });
+    let mut head_left = MAX_HEAD_BYTES;
     let mut line = String::new();
-    read_line(&mut reader, &mut line)?;
+    read_line(&mut reader, &mut line, &mut head_left)?;
     let mut parts = line.split_whitespace();
     let (Some(method), Some(target)) = (parts.next(), parts.next()) else {
         return Err(bad("bad request line"));
@@ -179,7 +207,7 @@ pub fn read_request(stream: &TcpStream) -> io::Result<Request> {
     };
     loop {
         line.clear();
-        read_line(&mut reader, &mut line)?;
+        read_line(&mut reader, &mut line, &mut head_left)?;
         let trimmed = line.trim_end();
         if trimmed.is_empty() {
             break;
@@ -193,6 +221,12 @@ pub fn read_request(stream: &TcpStream) -> io::Result<Request> {
             return Err(bad("too many headers"));
         }
     }
+    if request.header("transfer-encoding").is_some() {
+        // Its body would otherwise be read as nothing, or as the next request.
+        return Err(bad(
+            "Transfer-Encoding is not supported; send the body with a Content-Length",
+        ));
+    }
     if let Some(len) = request.header("content-length") {
         let len: usize = len.parse().map_err(|_| bad("invalid content-length"))?;
         if len > MAX_BODY_BYTES {
@@ -205,11 +239,47 @@ pub fn read_request(stream: &TcpStream) -> io::Result<Request> {
     Ok(request)
 }
 
-fn read_line(reader: &mut impl BufRead, line: &mut String) -> io::Result<()> {
+/// A stream whose every read is bounded by one deadline for the request.
+struct Deadlined {
+    stream: TcpStream,
+    deadline: Instant,
+}
+
+impl Read for Deadlined {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the request did not arrive in time",
+            ));
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
+/// Reads one head line, counting it against the head's budget; a line that
+/// does not end within the budget is an error, not two lines.
+fn read_line(
+    reader: &mut impl BufRead,
+    line: &mut String,
+    head_left: &mut usize,
+) -> io::Result<()> {
     let mut bytes = Vec::new();
-    reader.take(16 * 1024).read_until(b'\n', &mut bytes)?;
+    reader
+        .take(*head_left as u64)
+        .read_until(b'\n', &mut bytes)?;
     if bytes.is_empty() {
         return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed"));
+    }
+    *head_left -= bytes.len();
+    if bytes.last() != Some(&b'\n') {
+        return Err(if *head_left == 0 {
+            bad("request head too large")
+        } else {
+            io::Error::new(io::ErrorKind::UnexpectedEof, "closed mid-line")
+        });
     }
     line.push_str(&String::from_utf8_lossy(&bytes));
     Ok(())
@@ -218,9 +288,10 @@ fn read_line(reader: &mut impl BufRead, line: &mut String) -> io::Result<()> {
 fn serve_one(
     stream: TcpStream,
     handler: &(dyn Fn(Request) -> Reply + Send + Sync),
+    request_deadline: Duration,
 ) -> io::Result<()> {
     stream.set_nodelay(true)?;
-    let request = match read_request(&stream) {
+    let request = match read_request_within(&stream, request_deadline) {
         Ok(r) => r,
         Err(e) => {
             let body =
@@ -281,5 +352,126 @@ fn reason(status: u16) -> &'static str {
         500 => "Internal Server Error",
         503 => "Service Unavailable",
         _ => "Status",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (client, server)
+    }
+
+    /// Writes `head`, then one byte at a time as a slow client would, until
+    /// the server hangs up (or `limit` passes, so a broken server fails the
+    /// test instead of hanging it).
+    fn drip(mut client: TcpStream, head: &'static [u8], limit: Duration) {
+        std::thread::spawn(move || {
+            let _ = client.write_all(head);
+            let until = Instant::now() + limit;
+            while Instant::now() < until && client.write_all(b"a").is_ok() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+    }
+
+    #[test]
+    fn a_client_dripping_its_head_is_cut_off_at_the_request_deadline() {
+        let (client, server) = pair();
+        drip(
+            client,
+            b"GET /v1/host HTTP/1.1\r\nX-Slow: ",
+            Duration::from_secs(30),
+        );
+        let err = read_request_within(&server, Duration::from_millis(500)).unwrap_err();
+        assert!(
+            matches!(
+                err.kind(),
+                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_client_dripping_its_body_is_cut_off_at_the_request_deadline() {
+        let (client, server) = pair();
+        drip(
+            client,
+            b"PUT /v1/instances/a HTTP/1.1\r\nContent-Length: 100000\r\n\r\n",
+            Duration::from_secs(30),
+        );
+        let err = read_request_within(&server, Duration::from_millis(500)).unwrap_err();
+        assert!(
+            matches!(
+                err.kind(),
+                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn an_oversized_head_or_a_chunked_body_is_refused() {
+        let (mut client, server) = pair();
+        let mut raw = b"GET / HTTP/1.1\r\n".to_vec();
+        for _ in 0..20 {
+            raw.extend_from_slice(b"X-Pad: ");
+            raw.extend(std::iter::repeat_n(b'a', 8 * 1024));
+            raw.extend_from_slice(b"\r\n");
+        }
+        raw.extend_from_slice(b"\r\n");
+        std::thread::spawn(move || client.write_all(&raw));
+        let err = read_request_within(&server, Duration::from_secs(10)).unwrap_err();
+        assert!(err.to_string().contains("too large"), "{err}");
+
+        let (mut client, server) = pair();
+        client
+            .write_all(b"POST /v1/events HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+            .unwrap();
+        let err = read_request_within(&server, Duration::from_secs(10)).unwrap_err();
+        assert!(err.to_string().contains("Transfer-Encoding"), "{err}");
+    }
+
+    fn get_status(addr: SocketAddr) -> Option<u16> {
+        let mut s = TcpStream::connect(addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        s.write_all(b"GET /x HTTP/1.1\r\n\r\n").ok()?;
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        text.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    #[test]
+    fn slow_clients_cannot_hold_every_connection_slot() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let handler: Arc<dyn Fn(Request) -> Reply + Send + Sync> =
+            Arc::new(|_| Reply::json(200, &"ok"));
+        std::thread::spawn(move || serve_within(listener, stop, handler, Duration::from_secs(3)));
+        // Fill every slot with a client that keeps sending a byte now and then.
+        let slow: Vec<TcpStream> = (0..MAX_CONNECTIONS)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        for mut s in &slow {
+            s.write_all(b"GET /x HTTP/1.1\r\nX-Slow: ").unwrap();
+        }
+        assert_eq!(get_status(addr), Some(503));
+        // The slow clients go on dripping; the server must free their slots.
+        let until = Instant::now() + Duration::from_secs(60);
+        let mut served = false;
+        while Instant::now() < until && !served {
+            for mut s in &slow {
+                let _ = s.write_all(b"a");
+            }
+            served = get_status(addr) == Some(200);
+        }
+        assert!(served, "slow clients held every slot");
     }
 }
