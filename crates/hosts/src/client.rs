@@ -19,6 +19,17 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a stop or restart call may take.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
+/// The largest answer body read from a daemon; a bigger one is an error,
+/// so a broken daemon cannot grow keelson's memory without bound.
+pub const MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
+
+/// The largest single server-sent event read from a daemon's streams.
+pub const MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
+
+/// How long an open log or event stream may stay silent: the daemon sends a
+/// keepalive every 15 s, so a longer silence means it is gone.
+pub const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// One line of an instance's log, with the offset just past it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogLine {
@@ -36,25 +47,44 @@ pub struct HostClient {
     base: String,
     token: String,
     http: reqwest::Client,
+    streams: reqwest::Client,
 }
 
 impl HostClient {
     /// A client for a daemon at `address` (`http://HOST:PORT`) with `token`.
     pub fn new(name: &str, address: &str, token: &str) -> Result<Self> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| Error::Unreachable {
+        Self::with_stream_idle_timeout(name, address, token, STREAM_IDLE_TIMEOUT)
+    }
+
+    /// [`Self::new`], ending a log or event stream that stays silent for
+    /// `idle` (the default is [`STREAM_IDLE_TIMEOUT`]).
+    pub fn with_stream_idle_timeout(
+        name: &str,
+        address: &str,
+        token: &str,
+        idle: Duration,
+    ) -> Result<Self> {
+        let build = |idle: Option<Duration>| {
+            let mut builder = reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .tcp_nodelay(true);
+            if let Some(idle) = idle {
+                builder = builder.read_timeout(idle);
+            }
+            builder.build().map_err(|e| Error::Unreachable {
                 host: name.to_string(),
                 url: address.to_string(),
                 message: e.to_string(),
-            })?;
+            })
+        };
         Ok(HostClient {
             name: name.to_string(),
             base: address.trim_end_matches('/').to_string(),
             token: token.trim().to_string(),
-            http,
+            // A call that waits for a stop hears nothing until it is done,
+            // so only streams get the idle timeout.
+            http: build(None)?,
+            streams: build(Some(idle))?,
         })
     }
 
@@ -100,11 +130,37 @@ impl HostClient {
             .await
             .map_err(|e| self.unreachable(&url, e))?;
         let status = response.status().as_u16();
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| self.unreachable(&url, e))?;
+        let bytes = self.body(&url, response).await?;
         self.decode(&url, status, &bytes)
+    }
+
+    /// Reads a whole answer body, at most [`MAX_RESPONSE_BYTES`].
+    async fn body(&self, url: &str, mut response: reqwest::Response) -> Result<Vec<u8>> {
+        let status = response.status().as_u16();
+        let too_large = || Error::Unexpected {
+            host: self.name.clone(),
+            url: url.to_string(),
+            status,
+            reason: format!("the body is larger than {MAX_RESPONSE_BYTES} bytes"),
+        };
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_RESPONSE_BYTES as u64)
+        {
+            return Err(too_large());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| self.unreachable(url, e))?
+        {
+            if chunk.len() > MAX_RESPONSE_BYTES - body.len() {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
     }
 
     fn unreachable(&self, url: &str, e: reqwest::Error) -> Error {
@@ -272,7 +328,7 @@ impl HostClient {
             "instances/{name}/logs?offset={offset}&follow={follow}{}",
             if events_only { "&only=events" } else { "" }
         ));
-        let mut request = self.http.get(&url).bearer_auth(&self.token);
+        let mut request = self.streams.get(&url).bearer_auth(&self.token);
         if !follow {
             request = request.timeout(CALL_TIMEOUT);
         }
@@ -287,7 +343,7 @@ impl HostClient {
     pub async fn events(&self, request: &EventsRequest) -> Result<EventStream> {
         let url = self.url("events");
         let mut builder = self
-            .http
+            .streams
             .post(&url)
             .bearer_auth(&self.token)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -307,10 +363,7 @@ impl HostClient {
             .map_err(|e| self.unreachable(&url, e))?;
         let status = response.status().as_u16();
         if status != 200 {
-            let bytes = response
-                .bytes()
-                .await
-                .map_err(|e| self.unreachable(&url, e))?;
+            let bytes = self.body(&url, response).await?;
             return match self.decode::<serde_json::Value>(&url, status, &bytes) {
                 Err(e) => Err(e),
                 Ok(_) => Err(Error::Unexpected {
@@ -324,6 +377,7 @@ impl HostClient {
         Ok(Sse {
             response,
             buffer: Vec::new(),
+            scanned: 0,
             host: self.name.clone(),
             url,
         })
@@ -348,6 +402,8 @@ mod erased {
 struct Sse {
     response: reqwest::Response,
     buffer: Vec<u8>,
+    /// How much of `buffer` is known to hold no event end.
+    scanned: usize,
     host: String,
     url: String,
 }
@@ -362,8 +418,14 @@ struct SseEvent {
 impl Sse {
     async fn next(&mut self) -> Result<Option<SseEvent>> {
         loop {
-            if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
+            let from = self.scanned.saturating_sub(1);
+            if let Some(end) = self.buffer[from..]
+                .windows(2)
+                .position(|w| w == b"\n\n")
+                .map(|i| from + i)
+            {
                 let raw: Vec<u8> = self.buffer.drain(..end + 2).collect();
+                self.scanned = 0;
                 let text = String::from_utf8_lossy(&raw);
                 let mut event = SseEvent {
                     id: None,
@@ -380,6 +442,15 @@ impl Sse {
                     }
                 }
                 return Ok(Some(event));
+            }
+            self.scanned = self.buffer.len();
+            if self.buffer.len() > MAX_EVENT_BYTES {
+                return Err(Error::Unexpected {
+                    host: self.host.clone(),
+                    url: self.url.clone(),
+                    status: 200,
+                    reason: format!("an event is larger than {MAX_EVENT_BYTES} bytes"),
+                });
             }
             match self.response.chunk().await {
                 Ok(Some(bytes)) => self.buffer.extend_from_slice(&bytes),
