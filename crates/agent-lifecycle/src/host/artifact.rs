@@ -182,7 +182,7 @@ pub fn install(
         Artifact::Path(path) => {
             let real = local_path(path, roots)?;
             if real.is_dir() {
-                return copy_tree(&real, working_dir).map_err(|e| host_error(field, e));
+                return copy_tree(&real, working_dir, &canonical_roots(roots));
             }
             let name = file_name(&real.display().to_string());
             (real, name)
@@ -202,27 +202,87 @@ pub fn install(
         .iter()
         .any(|s| name.ends_with(s))
     {
-        let out = Command::new("tar")
-            .arg("-xf")
-            .arg(&source)
-            .arg("-C")
-            .arg(working_dir)
-            .output()
-            .map_err(|e| host_error(field, format!("cannot run tar: {e}")))?;
-        if !out.status.success() {
-            return Err(bad(
-                field,
-                format!(
-                    "{field}: `{name}` is not a valid archive: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ),
-            ));
-        }
-        return Ok(());
+        // Unpacked aside first: a symlink out of the tree would let this
+        // archive, or the next one unpacked over it, write or read outside.
+        let aside = scratch.join("unpacked");
+        let _ = std::fs::remove_dir_all(&aside);
+        std::fs::create_dir_all(&aside)
+            .map_err(|e| host_error(field, format!("cannot create {}: {e}", aside.display())))?;
+        untar(&source, &aside, field, &name)?;
+        let checked = symlinks_stay_inside(&aside, &aside)
+            .map_err(|message| bad(field, format!("{field}: `{name}` {message}")));
+        let _ = std::fs::remove_dir_all(&aside);
+        checked?;
+        return untar(&source, working_dir, field, &name);
     }
     std::fs::copy(&source, working_dir.join(&name))
         .map(|_| ())
         .map_err(|e| host_error(field, format!("cannot copy {}: {e}", source.display())))
+}
+
+fn untar(source: &Path, into: &Path, field: &'static str, name: &str) -> Result<(), ArtifactError> {
+    let out = Command::new("tar")
+        .arg("-xf")
+        .arg(source)
+        .arg("-C")
+        .arg(into)
+        .output()
+        .map_err(|e| host_error(field, format!("cannot run tar: {e}")))?;
+    if !out.status.success() {
+        return Err(bad(
+            field,
+            format!(
+                "{field}: `{name}` is not a valid archive: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that every symlink under `dir` points inside `top`, by its text:
+/// relative, and never climbing above `top`.
+fn symlinks_stay_inside(top: &Path, dir: &Path) -> Result<(), String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot be read: {e}"))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("cannot be read: {e}"))?;
+        let path = entry.path();
+        let kind = entry
+            .file_type()
+            .map_err(|e| format!("cannot be read: {e}"))?;
+        if kind.is_dir() {
+            symlinks_stay_inside(top, &path)?;
+        } else if kind.is_symlink() {
+            let target = std::fs::read_link(&path).map_err(|e| format!("cannot be read: {e}"))?;
+            let inside = path.strip_prefix(top).ok().and_then(Path::parent);
+            let mut depth = inside.map_or(0, |p| p.components().count()) as i64;
+            let mut escapes = target.is_absolute();
+            for c in target.components() {
+                match c {
+                    std::path::Component::ParentDir => depth -= 1,
+                    std::path::Component::Normal(_) => depth += 1,
+                    _ => {}
+                }
+                escapes |= depth < 0;
+            }
+            if escapes {
+                let shown = path.strip_prefix(top).unwrap_or(&path);
+                return Err(format!(
+                    "has a symlink `{}` -> `{}` that points outside the archive",
+                    shown.display(),
+                    target.display()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn canonical_roots(roots: &[PathBuf]) -> Vec<PathBuf> {
+    roots
+        .iter()
+        .filter_map(|r| std::fs::canonicalize(r).ok())
+        .collect()
 }
 
 fn file_name(path: &str) -> String {
@@ -232,19 +292,47 @@ fn file_name(path: &str) -> String {
         .to_string()
 }
 
-fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
-    let entries =
-        std::fs::read_dir(from).map_err(|e| format!("cannot read {}: {e}", from.display()))?;
-    std::fs::create_dir_all(to).map_err(|e| format!("cannot create {}: {e}", to.display()))?;
+/// Copies a directory artifact. A symlink in it is copied as the file it
+/// names, and only when that file is under an artifact root: the root
+/// bounds what the daemon reads, not just where the walk starts.
+fn copy_tree(from: &Path, to: &Path, roots: &[PathBuf]) -> Result<(), ArtifactError> {
+    const F: &str = "artifact.path";
+    let entries = std::fs::read_dir(from)
+        .map_err(|e| host_error(F, format!("cannot read {}: {e}", from.display())))?;
+    std::fs::create_dir_all(to)
+        .map_err(|e| host_error(F, format!("cannot create {}: {e}", to.display())))?;
     for entry in entries {
-        let entry = entry.map_err(|e| format!("cannot read {}: {e}", from.display()))?;
+        let entry =
+            entry.map_err(|e| host_error(F, format!("cannot read {}: {e}", from.display())))?;
         let (src, dst) = (entry.path(), to.join(entry.file_name()));
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            copy_tree(&src, &dst)?;
-        } else {
-            std::fs::copy(&src, &dst)
-                .map_err(|e| format!("cannot copy {} to {}: {e}", src.display(), dst.display()))?;
+        let kind = entry
+            .file_type()
+            .map_err(|e| host_error(F, format!("cannot read {}: {e}", src.display())))?;
+        if kind.is_dir() {
+            copy_tree(&src, &dst, roots)?;
+            continue;
         }
+        if kind.is_symlink() {
+            let real = std::fs::canonicalize(&src).ok();
+            if !real
+                .as_ref()
+                .is_some_and(|r| r.is_file() && roots.iter().any(|root| r.starts_with(root)))
+            {
+                return Err(bad(
+                    F,
+                    format!(
+                        "artifact.path: the symlink {} does not name a file under the host's artifact roots",
+                        src.display()
+                    ),
+                ));
+            }
+        }
+        std::fs::copy(&src, &dst).map_err(|e| {
+            host_error(
+                F,
+                format!("cannot copy {} to {}: {e}", src.display(), dst.display()),
+            )
+        })?;
     }
     Ok(())
 }
@@ -427,6 +515,77 @@ mod tests {
         let url = one_shot(head, 0);
         let err = download(&url, "u", &dir.path().join("a"), 1000).unwrap_err();
         assert!(err.message.contains("too many"), "{err}");
+    }
+
+    fn tar(dir: &Path, archive: &Path, members: &[&str]) {
+        let status = Command::new("tar")
+            .arg("-cf")
+            .arg(archive)
+            .arg("-C")
+            .arg(dir)
+            .args(members)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    #[test]
+    fn archives_with_symlinks_out_of_the_tree_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (roots, src) = (vec![tmp.path().join("roots")], tmp.path().join("src"));
+        std::fs::create_dir_all(src.join("lib")).unwrap();
+        std::fs::create_dir_all(&roots[0]).unwrap();
+        std::fs::write(src.join("lib/a.so"), "a").unwrap();
+        std::os::unix::fs::symlink("/etc", src.join("etc")).unwrap();
+        std::os::unix::fs::symlink("../../outside", src.join("lib/up")).unwrap();
+        std::os::unix::fs::symlink("a.so", src.join("lib/a.so.1")).unwrap();
+        std::os::unix::fs::symlink("../lib/a.so", src.join("lib/same")).unwrap();
+        let scratch = tmp.path().join("scratch");
+        for (member, ok) in [("etc", false), ("lib/up", false), ("lib", false)] {
+            let archive = roots[0].join(format!("{}.tar", member.replace('/', "-")));
+            tar(&src, &archive, &[member]);
+            let work = tmp
+                .path()
+                .join(format!("work-{ok}-{}", member.replace('/', "-")));
+            let artifact = Artifact::Path(archive.display().to_string());
+            let err = install(&artifact, &roots, &[], &work, &scratch).unwrap_err();
+            assert!(err.bad_request, "{member}: {err}");
+            assert!(err.message.contains("points outside the archive"), "{err}");
+            assert_eq!(std::fs::read_dir(&work).unwrap().count(), 0, "{member}");
+        }
+        // Links that stay inside are fine.
+        std::fs::remove_file(src.join("lib/up")).unwrap();
+        let archive = roots[0].join("fine.tar");
+        tar(&src, &archive, &["lib"]);
+        let work = tmp.path().join("fine");
+        let artifact = Artifact::Path(archive.display().to_string());
+        install(&artifact, &roots, &[], &work, &scratch).unwrap();
+        assert_eq!(std::fs::read_to_string(work.join("lib/same")).unwrap(), "a");
+    }
+
+    #[test]
+    fn a_directory_artifact_does_not_copy_files_from_outside_the_roots() {
+        let tmp = tempfile::tempdir().unwrap();
+        let roots = vec![tmp.path().join("roots")];
+        let app = roots[0].join("app");
+        std::fs::create_dir_all(&app).unwrap();
+        std::fs::write(tmp.path().join("secret"), "s3cret").unwrap();
+        std::fs::write(roots[0].join("shared.conf"), "shared").unwrap();
+        std::os::unix::fs::symlink(roots[0].join("shared.conf"), app.join("app.conf")).unwrap();
+        let artifact = Artifact::Path(app.display().to_string());
+        let work = tmp.path().join("work");
+        install(&artifact, &roots, &[], &work, &tmp.path().join("s")).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(work.join("app.conf")).unwrap(),
+            "shared"
+        );
+
+        std::os::unix::fs::symlink(tmp.path().join("secret"), app.join("leak")).unwrap();
+        let work = tmp.path().join("work2");
+        let err = install(&artifact, &roots, &[], &work, &tmp.path().join("s")).unwrap_err();
+        assert!(err.bad_request, "{err}");
+        assert!(err.message.contains("artifact roots"), "{err}");
+        assert!(!work.join("leak").exists());
     }
 
     #[test]
