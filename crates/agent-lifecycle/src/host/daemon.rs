@@ -397,14 +397,9 @@ impl Daemon {
             );
         }
         if let Some(wd) = &request.working_dir
-            && !Path::new(wd).is_absolute()
+            && let Err(message) = check_working_dir(wd, &self.config.state_dir)
         {
-            return Err(ApiError::new(
-                400,
-                "invalid_field",
-                format!("working_dir `{wd}` must be an absolute path"),
-            )
-            .field("working_dir"));
+            return Err(ApiError::new(400, "invalid_field", message).field("working_dir"));
         }
         if let Some(h) = &request.hooks_dir
             && (Path::new(h).is_absolute() || h.split('/').any(|c| c == ".."))
@@ -890,4 +885,85 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A given working directory: absolute, without `.`/`..` steps, not `/`,
+/// and outside the daemon's state directory (where it would overwrite
+/// another instance's files or the daemon's own), symlinks included.
+fn check_working_dir(wd: &str, state_dir: &Path) -> Result<(), String> {
+    use std::path::Component;
+    let path = Path::new(wd);
+    if !path.is_absolute() {
+        return Err(format!("working_dir `{wd}` must be an absolute path"));
+    }
+    if wd.split('/').any(|c| c == ".." || c == ".") {
+        return Err(format!(
+            "working_dir `{wd}` must not contain `.` or `..`; name the directory directly"
+        ));
+    }
+    if !path.components().any(|c| matches!(c, Component::Normal(_))) {
+        return Err(format!("working_dir `{wd}` cannot be the root directory"));
+    }
+    // Resolve the part that exists, so a symlink cannot lead inside.
+    let mut existing = path;
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else {
+            break;
+        };
+        rest.push(name);
+        existing = parent;
+    }
+    let mut real = std::fs::canonicalize(existing).unwrap_or_else(|_| existing.to_path_buf());
+    real.extend(rest.iter().rev());
+    let state = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+    if real.starts_with(&state) || state.starts_with(&real) {
+        return Err(format!(
+            "working_dir `{wd}` overlaps the host daemon's state directory ({})",
+            state.display()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn working_dirs_stay_out_of_the_state_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("state");
+        std::fs::create_dir_all(state.join("instances/other/run")).unwrap();
+        std::os::unix::fs::symlink(&state, tmp.path().join("via-link")).unwrap();
+        let ok = tmp.path().join("srv/app");
+        assert_eq!(check_working_dir(&ok.display().to_string(), &state), Ok(()));
+        let cases = [
+            ("relative/app".to_string(), "absolute"),
+            ("/".to_string(), "root"),
+            ("//".to_string(), "root"),
+            (format!("{}/srv/../state", tmp.path().display()), "`..`"),
+            (format!("{}/./srv", tmp.path().display()), "`..`"),
+            (
+                state.join("instances/other/run").display().to_string(),
+                "state directory",
+            ),
+            (
+                state.join("instances/new/app").display().to_string(),
+                "state directory",
+            ),
+            (
+                tmp.path()
+                    .join("via-link/instances/x")
+                    .display()
+                    .to_string(),
+                "state directory",
+            ),
+            (tmp.path().display().to_string(), "state directory"),
+        ];
+        for (wd, why) in cases {
+            let err = check_working_dir(&wd, &state).unwrap_err();
+            assert!(err.contains(why), "{wd}: {err}");
+        }
+    }
 }
