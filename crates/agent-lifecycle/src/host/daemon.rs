@@ -880,11 +880,16 @@ fn stream_log(
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+/// Compares a presented token with the host's in time that depends only on
+/// their lengths, not on where they first differ (nor, by an early return,
+/// on whether the lengths match).
+fn constant_time_eq(presented: &[u8], token: &[u8]) -> bool {
+    let mut diff = presented.len() ^ token.len();
+    for i in 0..presented.len().max(token.len()) {
+        let (x, y) = (presented.get(i), token.get(i));
+        diff |= usize::from(x.copied().unwrap_or(0) ^ y.copied().unwrap_or(0xff));
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    std::hint::black_box(diff) == 0
 }
 
 /// A given working directory: absolute, without `.`/`..` steps, not `/`,
@@ -929,6 +934,17 @@ fn check_working_dir(wd: &str, state_dir: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(constant_time_eq(b"s3cret", b"s3cret"));
+        for presented in [&b""[..], b"s3cre", b"s3cret!", b"s3creT", b"\xffs3cret"] {
+            assert!(!constant_time_eq(presented, b"s3cret"), "{presented:?}");
+        }
+        // A missing byte never matches a token byte, whatever its value.
+        assert!(!constant_time_eq(b"ab", b"ab\xff"));
+        assert!(!constant_time_eq(b"ab\0", b"ab"));
+    }
 
     #[test]
     fn working_dirs_stay_out_of_the_state_directory() {
