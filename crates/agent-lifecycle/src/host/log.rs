@@ -192,11 +192,25 @@ pub fn read_from(dir: &Path, offset: u64, max_bytes: usize) -> Result<Chunk, Rea
         };
         file.seek(SeekFrom::Start(chunk.next - start))?;
         let mut buf = Vec::new();
-        file.take(budget as u64 + 1).read_to_end(&mut buf)?;
+        (&mut file).take(budget as u64 + 1).read_to_end(&mut buf)?;
         let complete = match buf.iter().rposition(|b| *b == b'\n') {
             Some(i) => i + 1,
             None => 0,
         };
+        if complete == 0 && chunk.lines.is_empty() && buf.len() > budget {
+            // One line longer than the whole budget: returning nothing would
+            // leave every reader stuck at this offset for ever. Return its
+            // start, marked, and resume after it once it has ended.
+            let Some(len) = line_end(&mut file)? else {
+                break;
+            };
+            chunk.next += buf.len() as u64 + len;
+            buf.truncate(budget);
+            let mut text = String::from_utf8_lossy(&buf).into_owned();
+            text.push_str(TRUNCATED);
+            chunk.lines.push((chunk.next, text));
+            break;
+        }
         for line in buf[..complete].split_inclusive(|b| *b == b'\n') {
             chunk.next += line.len() as u64;
             let text = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
@@ -211,6 +225,27 @@ pub fn read_from(dir: &Path, offset: u64, max_bytes: usize) -> Result<Chunk, Rea
         chunk.next = seg_end;
     }
     Ok(chunk)
+}
+
+/// Appended to a line too long to return whole.
+pub const TRUNCATED: &str = " [line truncated]";
+
+/// Reads on from `file`'s position to the end of the current line: the
+/// bytes up to and including its newline, or `None` when the line has not
+/// ended yet. Keeps nothing in memory but one block.
+fn line_end(file: &mut File) -> io::Result<Option<u64>> {
+    let mut block = vec![0u8; 64 * 1024];
+    let mut read = 0u64;
+    loop {
+        let n = file.read(&mut block)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if let Some(i) = block[..n].iter().position(|b| *b == b'\n') {
+            return Ok(Some(read + i as u64 + 1));
+        }
+        read += n as u64;
+    }
 }
 
 #[cfg(test)]
@@ -263,6 +298,30 @@ mod tests {
         let first = segments(dir.path())[0].0;
         assert_eq!(chunk.skipped_to, Some(first));
         assert_eq!(chunk.lines.last().unwrap().0, 10_000);
+    }
+
+    #[test]
+    fn a_line_longer_than_the_budget_does_not_stall_readers() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = LogWriter::open(dir.path(), 1 << 20).unwrap();
+        let long = "y".repeat(300 * 1024);
+        w.write_line(&long).unwrap();
+        w.write_line("next").unwrap();
+        let first = read_from(dir.path(), 0, 1000).unwrap();
+        assert_eq!(first.lines.len(), 1);
+        let (end, text) = &first.lines[0];
+        assert_eq!(*end, long.len() as u64 + 1);
+        assert_eq!(text, &format!("{}{TRUNCATED}", &long[..1000]));
+        let rest = read_from(dir.path(), first.next, 1000).unwrap();
+        assert_eq!(
+            rest.lines,
+            vec![(long.len() as u64 + 6, "next".to_string())]
+        );
+        // A long line still being written is not returned until it ends.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(segment_path(dir.path(), 0), "z".repeat(5000)).unwrap();
+        let chunk = read_from(dir.path(), 0, 1000).unwrap();
+        assert_eq!((chunk.lines.len(), chunk.next), (0, 0));
     }
 
     #[test]
