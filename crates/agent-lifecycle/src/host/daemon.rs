@@ -396,6 +396,9 @@ impl Daemon {
                 ApiError::new(400, "invalid_field", "command must name a program").field("command"),
             );
         }
+        if let Err((field, message)) = check_command_and_env(&request) {
+            return Err(ApiError::new(400, "invalid_field", message).field(&field));
+        }
         if let Some(wd) = &request.working_dir
             && let Err(message) = check_working_dir(wd, &self.config.state_dir)
         {
@@ -892,6 +895,34 @@ fn constant_time_eq(presented: &[u8], token: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
+/// The command and environment must be passable to `execve`: no NUL
+/// anywhere, env names non-empty and without `=` (which would set another
+/// variable than the one named). Otherwise the deploy is accepted and every
+/// start fails as an internal error.
+fn check_command_and_env(request: &DeployRequest) -> Result<(), (String, String)> {
+    if let Some(i) = request.command.iter().position(|a| a.contains('\0')) {
+        return Err((
+            format!("command[{i}]"),
+            format!("command[{i}] contains a NUL byte"),
+        ));
+    }
+    for (name, value) in &request.env {
+        if name.is_empty() || name.contains(['=', '\0']) {
+            return Err((
+                format!("env.{name}"),
+                format!("env name `{name}` must be non-empty, without `=` or NUL"),
+            ));
+        }
+        if value.contains('\0') {
+            return Err((
+                format!("env.{name}"),
+                format!("env.{name} contains a NUL byte"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A given working directory: absolute, without `.`/`..` steps, not `/`,
 /// and outside the daemon's state directory (where it would overwrite
 /// another instance's files or the daemon's own), symlinks included.
@@ -944,6 +975,46 @@ mod tests {
         // A missing byte never matches a token byte, whatever its value.
         assert!(!constant_time_eq(b"ab", b"ab\xff"));
         assert!(!constant_time_eq(b"ab\0", b"ab"));
+    }
+
+    #[test]
+    fn commands_and_env_that_execve_cannot_take_are_bad_requests() {
+        let base: DeployRequest = serde_json::from_value(serde_json::json!({
+            "lifecycle": {
+                "apiVersion": "keelson.dev/v1alpha1", "app": "a", "env": "prod",
+                "checkurl": {"port": 1, "path": "/", "expectedStatus": 200,
+                             "timeoutSeconds": 1, "intervalSeconds": 1},
+                "drainSeconds": 0, "stopTimeoutSeconds": 1, "liveness": "true"
+            },
+            "command": ["./app", "--flag"],
+            "env": {"MODE": "prod"}
+        }))
+        .unwrap();
+        assert_eq!(check_command_and_env(&base), Ok(()));
+        let field = |f: fn(&mut DeployRequest)| {
+            let mut r = base.clone();
+            f(&mut r);
+            check_command_and_env(&r).unwrap_err().0
+        };
+        assert_eq!(field(|r| r.command[1] = "a\0b".into()), "command[1]");
+        assert_eq!(
+            field(|r| {
+                r.env.insert("PATH=/evil:".into(), "x".into());
+            }),
+            "env.PATH=/evil:"
+        );
+        assert_eq!(
+            field(|r| {
+                r.env.insert(String::new(), "x".into());
+            }),
+            "env."
+        );
+        assert_eq!(
+            field(|r| {
+                r.env.insert("A".into(), "x\0".into());
+            }),
+            "env.A"
+        );
     }
 
     #[test]
