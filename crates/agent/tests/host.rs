@@ -1252,3 +1252,72 @@ fn an_artifact_from_an_allowed_url_is_downloaded_and_unpacked() {
         "{e}"
     );
 }
+
+#[test]
+fn hostile_deploys_are_refused_with_the_field_at_fault() {
+    let host = Host::start("127.0.0.1");
+    let body = host.deploy_body(free_port(), 0);
+    let deploy = |b: &Value| host.call("PUT", "/v1/instances/hostile", Some(b));
+    let refused = |b: &Value, field: &str, needle: &str| {
+        let (s, e) = deploy(b);
+        assert_eq!(
+            (s, e["error"]["field"].as_str()),
+            (400, Some(field)),
+            "{b}: {e}"
+        );
+        let message = e["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(needle), "{message}");
+    };
+
+    // The allow-list is http://127.0.0.1:9/allowed/: text-prefix tricks fail.
+    for url in [
+        "http://127.0.0.1:9/allowed/../secret.tar.gz",
+        "http://127.0.0.1:9/allowed/%2e%2e/secret.tar.gz",
+        "http://127.0.0.1:9/allowed-not/app.tar.gz",
+        "http://127.0.0.1:9@evil.example/allowed/app.tar.gz",
+        "http://127.0.0.1:99/allowed/app.tar.gz",
+    ] {
+        let mut b = body.clone();
+        b["artifact"] = json!({ "url": url });
+        let (s, e) = deploy(&b);
+        assert_eq!(
+            (s, e["error"]["field"].as_str()),
+            (400, Some("artifact.url")),
+            "{url}: {e}"
+        );
+    }
+
+    // An archive whose symlink leaves the tree.
+    let src = host.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::os::unix::fs::symlink("/etc", src.join("etc")).unwrap();
+    let archive = host.path("artifacts/escape.tar");
+    let status = Command::new("tar")
+        .arg("-cf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&src)
+        .arg("etc")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut b = body.clone();
+    b["artifact"] = json!({ "path": archive });
+    refused(&b, "artifact.path", "points outside the archive");
+
+    // A working directory inside the daemon's state, or climbing out.
+    let mut b = body.clone();
+    b["working_dir"] = json!(host.path("state/instances/other/app"));
+    refused(&b, "working_dir", "state directory");
+    b["working_dir"] = json!(format!("{}/../x", host.path("srv").display()));
+    refused(&b, "working_dir", "`..`");
+
+    // What execve cannot take.
+    let mut b = body.clone();
+    b["env"] = json!({"PATH=/tmp/evil:": "x"});
+    refused(&b, "env.PATH=/tmp/evil:", "without `=`");
+
+    // Nothing of it was deployed.
+    let (s, _) = host.call("GET", "/v1/instances/hostile", None);
+    assert_eq!(s, 404);
+}
