@@ -363,9 +363,44 @@ impl ServerResponse {
 /// probes and people, and memory stays flat. A slow client is cut off after
 /// two seconds.
 pub fn serve(listener: TcpListener, handler: impl Fn(&ServerRequest) -> ServerResponse) {
+    let mut backoff = AcceptBackoff::default();
     for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
+        let Some(stream) = backoff.accepted(stream) else {
+            continue;
+        };
         let _ = serve_one(stream, &handler);
+    }
+}
+
+/// Paces an accept loop after failed accepts. When the process is out of
+/// file descriptors (EMFILE), the pending connection stays and `accept`
+/// fails again at once: without a pause the loop spins a core until a
+/// descriptor is freed. Waits 5 ms after the first failure, doubling to 1 s,
+/// and starts over after a success.
+#[derive(Debug, Default)]
+pub(crate) struct AcceptBackoff {
+    next: Option<Duration>,
+}
+
+impl AcceptBackoff {
+    /// The stream, or `None` after pausing when the accept failed.
+    pub(crate) fn accepted(&mut self, result: io::Result<TcpStream>) -> Option<TcpStream> {
+        match result {
+            Ok(stream) => {
+                self.next = None;
+                Some(stream)
+            }
+            Err(_) => {
+                std::thread::sleep(self.pause());
+                None
+            }
+        }
+    }
+
+    fn pause(&mut self) -> Duration {
+        let pause = self.next.unwrap_or(Duration::from_millis(5));
+        self.next = Some((pause * 2).min(Duration::from_secs(1)));
+        pause
     }
 }
 
@@ -590,6 +625,17 @@ mod tests {
         let mut raw = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".to_vec();
         raw.extend(std::iter::repeat_n(b'a', 1000));
         assert_eq!(get(one_shot(raw)).unwrap().body.len(), 1000);
+    }
+
+    #[test]
+    fn failed_accepts_pause_longer_each_time_up_to_a_second() {
+        let mut b = AcceptBackoff::default();
+        let pauses: Vec<u64> = (0..10).map(|_| b.pause().as_millis() as u64).collect();
+        assert_eq!(pauses, [5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        assert!(b.accepted(listener.accept().map(|(s, _)| s)).is_some());
+        assert_eq!(b.pause(), Duration::from_millis(5));
     }
 
     #[test]

@@ -138,11 +138,14 @@ pub fn serve_within(
     request_deadline: Duration,
 ) {
     let active = Arc::new(AtomicUsize::new(0));
+    let mut backoff = crate::http::AcceptBackoff::default();
     for stream in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             return;
         }
-        let Ok(stream) = stream else { continue };
+        let Some(stream) = backoff.accepted(stream) else {
+            continue;
+        };
         if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
             let _ = write_full(
                 stream,
