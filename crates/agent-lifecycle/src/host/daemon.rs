@@ -28,7 +28,7 @@ use super::api::{
     StartRequest, StreamStart, SupervisorState, valid_instance_name,
 };
 use super::instance::{HostSpec, InstanceDir, SupervisorRecord};
-use super::server::{ChunkWriter, Reply, Request, serve};
+use super::server::{ChunkWriter, REQUEST_DEADLINE, Reply, Request, serve_admitting};
 use super::{INTERNAL_SUBCOMMAND, artifact, log};
 use crate::layout::{remove_if_present, write_json_atomic};
 use crate::output::{Output, rfc3339_now};
@@ -190,7 +190,13 @@ pub fn run(config: DaemonConfig, output: Output, stop: Arc<AtomicBool>) -> Resul
         let daemon = daemon.clone();
         Arc::new(move |req: Request| daemon.handle(req))
     };
-    serve(listener, stop, handler);
+    // The token is checked on the head, so an unauthenticated client is
+    // answered before the daemon reads (and holds) any body it announces.
+    let admit = {
+        let daemon = daemon.clone();
+        Arc::new(move |req: &Request| daemon.authorize(req).err().map(|e| e.reply()))
+    };
+    serve_admitting(listener, stop, admit, handler, REQUEST_DEADLINE);
     daemon.output.event("host_stopped", &[]);
     Ok(())
 }

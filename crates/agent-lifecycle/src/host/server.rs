@@ -130,10 +130,32 @@ pub fn serve(
     serve_within(listener, stop, handler, REQUEST_DEADLINE);
 }
 
+/// Looks at a request's head before its body is read: `Some(reply)` answers
+/// at once and the body is never read (an unauthenticated client must not
+/// make the daemon wait for, and hold, a body of up to [`MAX_BODY_BYTES`]).
+pub type Admit = Arc<dyn Fn(&Request) -> Option<Reply> + Send + Sync>;
+
 /// [`serve`], giving each client `request_deadline` to send its request.
 pub fn serve_within(
     listener: TcpListener,
     stop: Arc<AtomicBool>,
+    handler: Arc<dyn Fn(Request) -> Reply + Send + Sync>,
+    request_deadline: Duration,
+) {
+    serve_admitting(
+        listener,
+        stop,
+        Arc::new(|_| None),
+        handler,
+        request_deadline,
+    );
+}
+
+/// [`serve_within`], passing each request's head to `admit` first.
+pub fn serve_admitting(
+    listener: TcpListener,
+    stop: Arc<AtomicBool>,
+    admit: Admit,
     handler: Arc<dyn Fn(Request) -> Reply + Send + Sync>,
     request_deadline: Duration,
 ) {
@@ -156,12 +178,12 @@ pub fn serve_within(
             continue;
         }
         active.fetch_add(1, Ordering::SeqCst);
-        let (handler, count) = (handler.clone(), active.clone());
+        let (admit, handler, count) = (admit.clone(), handler.clone(), active.clone());
         let spawned = std::thread::Builder::new()
             .name("keelson-host-conn".into())
             .stack_size(256 * 1024)
             .spawn(move || {
-                let _ = serve_one(stream, &*handler, request_deadline);
+                let _ = serve_one(stream, &*admit, &*handler, request_deadline);
                 count.fetch_sub(1, Ordering::SeqCst);
             });
         if spawned.is_err() {
@@ -183,13 +205,24 @@ pub fn read_request(stream: &TcpStream) -> io::Result<Request> {
 /// `deadline`, its head within [`MAX_HEAD_BYTES`] and its body within
 /// [`MAX_BODY_BYTES`].
 pub fn read_request_within(stream: &TcpStream, deadline: Duration) -> io::Result<Request> {
-    let mut reader = BufReader::new(Deadlined {
+    let mut reader = request_reader(stream, deadline)?;
+    let mut request = read_head(&mut reader)?;
+    read_body(&mut reader, &mut request)?;
+    Ok(request)
+}
+
+fn request_reader(stream: &TcpStream, deadline: Duration) -> io::Result<BufReader<Deadlined>> {
+    Ok(BufReader::new(Deadlined {
         stream: stream.try_clone()?,
         deadline: Instant::now() + deadline,
-    });
+    }))
+}
+
+/// Reads the request line and headers, and checks what the body will be.
+fn read_head(reader: &mut impl BufRead) -> io::Result<Request> {
     let mut head_left = MAX_HEAD_BYTES;
     let mut line = String::new();
-    read_line(&mut reader, &mut line, &mut head_left)?;
+    read_line(reader, &mut line, &mut head_left)?;
     let mut parts = line.split_whitespace();
     let (Some(method), Some(target)) = (parts.next(), parts.next()) else {
         return Err(bad("bad request line"));
@@ -210,7 +243,7 @@ pub fn read_request_within(stream: &TcpStream, deadline: Duration) -> io::Result
     };
     loop {
         line.clear();
-        read_line(&mut reader, &mut line, &mut head_left)?;
+        read_line(reader, &mut line, &mut head_left)?;
         let trimmed = line.trim_end();
         if trimmed.is_empty() {
             break;
@@ -235,11 +268,21 @@ pub fn read_request_within(stream: &TcpStream, deadline: Duration) -> io::Result
         if len > MAX_BODY_BYTES {
             return Err(bad("body too large"));
         }
-        let mut body = vec![0; len];
-        reader.read_exact(&mut body)?;
-        request.body = body;
     }
     Ok(request)
+}
+
+/// Reads the body the head announced (checked by [`read_head`]).
+fn read_body(reader: &mut impl Read, request: &mut Request) -> io::Result<()> {
+    let len = request
+        .header("content-length")
+        .and_then(|l| l.parse::<usize>().ok())
+        .unwrap_or(0)
+        .min(MAX_BODY_BYTES);
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body)?;
+    request.body = body;
+    Ok(())
 }
 
 /// A stream whose every read is bounded by one deadline for the request.
@@ -290,19 +333,37 @@ fn read_line(
 
 fn serve_one(
     stream: TcpStream,
+    admit: &(dyn Fn(&Request) -> Option<Reply> + Send + Sync),
     handler: &(dyn Fn(Request) -> Reply + Send + Sync),
     request_deadline: Duration,
 ) -> io::Result<()> {
     stream.set_nodelay(true)?;
-    let request = match read_request_within(&stream, request_deadline) {
-        Ok(r) => r,
-        Err(e) => {
-            let body =
-                serde_json::json!({"error": {"code": "bad_request", "message": e.to_string()}});
-            return write_full(stream, 400, "application/json", body.to_string().as_bytes());
-        }
+    let bad_request = |stream, e: io::Error| {
+        let body = serde_json::json!({"error": {"code": "bad_request", "message": e.to_string()}});
+        write_full(stream, 400, "application/json", body.to_string().as_bytes())
     };
-    match handler(request) {
+    let mut reader = request_reader(&stream, request_deadline)?;
+    let mut request = match read_head(&mut reader) {
+        Ok(r) => r,
+        Err(e) => return bad_request(stream, e),
+    };
+    if let Some(reply) = admit(&request) {
+        let answered = write_reply(stream, reply);
+        // Discard (never keep) what the client still sends, within its
+        // deadline: closing on unread data would reset the connection and
+        // could destroy the answer before the client reads it.
+        let _ = reader.get_ref().stream.shutdown(std::net::Shutdown::Write);
+        let _ = io::copy(&mut reader.take(MAX_BODY_BYTES as u64), &mut io::sink());
+        return answered;
+    }
+    if let Err(e) = read_body(&mut reader, &mut request) {
+        return bad_request(stream, e);
+    }
+    write_reply(stream, handler(request))
+}
+
+fn write_reply(stream: TcpStream, reply: Reply) -> io::Result<()> {
+    match reply {
         Reply::Full {
             status,
             content_type,
@@ -448,6 +509,48 @@ mod tests {
         let mut text = String::new();
         let _ = s.read_to_string(&mut text);
         text.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    #[test]
+    fn a_refused_head_is_answered_without_waiting_for_its_body() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let admit: Admit = Arc::new(|req: &Request| {
+            (req.header("authorization") != Some("Bearer t")).then(|| Reply::empty(401))
+        });
+        let handler: Arc<dyn Fn(Request) -> Reply + Send + Sync> =
+            Arc::new(|req| Reply::json(200, &req.body.len()));
+        std::thread::spawn(move || {
+            serve_admitting(listener, stop, admit, handler, Duration::from_secs(60))
+        });
+        // The body is announced and never sent: only the head can answer.
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(b"PUT /v1/instances/a HTTP/1.1\r\nContent-Length: 1048576\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        assert!(text.starts_with("HTTP/1.1 401 "), "{text}");
+        // A refused client that does send its body still reads the answer.
+        let mut s = TcpStream::connect(addr).unwrap();
+        let mut raw = b"PUT /v1/instances/a HTTP/1.1\r\nContent-Length: 1048576\r\n\r\n".to_vec();
+        raw.extend(std::iter::repeat_n(b'x', 1 << 20));
+        let mut writer = s.try_clone().unwrap();
+        let sent = std::thread::spawn(move || writer.write_all(&raw));
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        assert!(text.starts_with("HTTP/1.1 401 "), "{text}");
+        let _ = sent.join();
+        // An admitted request gets its body read.
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(b"PUT /x HTTP/1.1\r\nAuthorization: Bearer t\r\nContent-Length: 3\r\n\r\nabc")
+            .unwrap();
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        assert!(
+            text.starts_with("HTTP/1.1 200 ") && text.ends_with("\r\n\r\n3"),
+            "{text}"
+        );
     }
 
     #[test]
