@@ -133,7 +133,7 @@ async fn main() -> anyhow::Result<()> {
         flag("--namespaces").unwrap_or(namespaces),
         flag("--pods").unwrap_or(pods),
     );
-    let sim = Sim::start(SimConfig::default()).await?;
+    let sim = Sim::start(SimConfig::api_only()).await?;
     let m = sim.machinery().clone();
     let opts = WriteOptions {
         field_manager: Some("kubelet".into()),

@@ -19,6 +19,7 @@
 
 pub mod api;
 pub mod control;
+pub mod controllers;
 pub mod defaults;
 pub mod error;
 pub mod fields;
@@ -69,8 +70,21 @@ pub struct SimConfig {
     pub watch_window: usize,
     /// How often watches that allow bookmarks receive one.
     pub bookmark_interval: Duration,
-    /// How long a gracefully deleted, node-bound pod stays terminating.
+    /// How long a gracefully deleted, node-bound pod stays terminating
+    /// (without controllers; with them, the kubelets decide).
     pub pod_termination: Duration,
+    /// The controllers, scheduler and kubelets; `None` serves the API only.
+    pub controllers: Option<controllers::ControllerConfig>,
+}
+
+impl SimConfig {
+    /// The API machinery alone: nothing acts on the objects.
+    pub fn api_only() -> Self {
+        SimConfig {
+            controllers: None,
+            ..SimConfig::default()
+        }
+    }
 }
 
 impl Default for SimConfig {
@@ -82,6 +96,7 @@ impl Default for SimConfig {
             watch_window: 10_000,
             bookmark_interval: Duration::from_secs(5),
             pod_termination: Duration::from_millis(0),
+            controllers: Some(controllers::ControllerConfig::default()),
         }
     }
 }
@@ -93,6 +108,7 @@ pub struct Sim {
     metrics: Arc<Metrics>,
     faults: Arc<Faults>,
     logs: Arc<Logs>,
+    control: Arc<controllers::Control>,
     shutdown: CancellationToken,
     server: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -105,6 +121,7 @@ impl Sim {
             store,
             MachineryConfig {
                 pod_termination: config.pod_termination,
+                kubelet_stops_pods: config.controllers.is_some(),
             },
         ));
         seed(&machinery, &config)?;
@@ -112,6 +129,18 @@ impl Sim {
         let faults = Arc::new(Faults::default());
         let logs = Arc::new(Logs::default());
         let shutdown = CancellationToken::new();
+        let control = Arc::new(controllers::Control::default());
+        if let Some(cc) = &config.controllers {
+            controllers::start(
+                controllers::Ctx {
+                    machinery: machinery.clone(),
+                    logs: logs.clone(),
+                    control: control.clone(),
+                    config: cc.clone(),
+                },
+                shutdown.clone(),
+            );
+        }
         let shared = Arc::new(api::Shared {
             machinery: machinery.clone(),
             metrics: metrics.clone(),
@@ -134,6 +163,7 @@ impl Sim {
             metrics,
             faults,
             logs,
+            control,
             shutdown,
             server: Some(server),
         })
@@ -172,6 +202,22 @@ impl Sim {
     /// Container logs served by `pods/{name}/log`.
     pub fn logs(&self) -> &Arc<Logs> {
         &self.logs
+    }
+
+    /// Test controls of the simulated workloads.
+    pub fn control(&self) -> &Arc<controllers::Control> {
+        &self.control
+    }
+
+    /// Sets whether a pod's readiness target (its readiness probe) answers
+    /// ready; the kubelet follows within its ready delay.
+    pub fn set_ready(&self, namespace: &str, pod: &str, ready: bool) {
+        self.control.set_ready(namespace, pod, ready);
+    }
+
+    /// Sets the simulated metric an HPA reads.
+    pub fn set_metric(&self, namespace: &str, hpa: &str, value: f64) {
+        self.control.set_metric(namespace, hpa, value);
     }
 
     /// Forgets all change history (every older resourceVersion is gone).
@@ -255,7 +301,7 @@ fn seed(m: &Machinery, config: &SimConfig) -> Result<(), error::ApiError> {
                 "kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
                 "topology.kubernetes.io/zone": zone, "topology.kubernetes.io/region": "kubesim",
             }},
-            "spec": {"podCIDR": format!("10.244.{}.0/24", i % 256)},
+            "spec": {"podCIDR": format!("10.{}.0.0/16", 64 + i % 128)},
             "status": {
                 "capacity": {"cpu": "8", "memory": "32Gi", "pods": "110", "ephemeral-storage": "100Gi"},
                 "allocatable": {"cpu": "8", "memory": "32Gi", "pods": "110", "ephemeral-storage": "100Gi"},

@@ -139,12 +139,16 @@ pub struct MachineryConfig {
     /// How long a bound pod stays terminating after a graceful delete before
     /// it disappears (what a kubelet would take to stop it).
     pub pod_termination: Duration,
+    /// Whether kubelets stop terminating pods (calling
+    /// [`Machinery::finish_pod`]) instead of a timer.
+    pub kubelet_stops_pods: bool,
 }
 
 impl Default for MachineryConfig {
     fn default() -> Self {
         MachineryConfig {
             pod_termination: Duration::from_millis(0),
+            kubelet_stops_pods: false,
         }
     }
 }
@@ -788,7 +792,17 @@ impl Machinery {
             // managedFields aside) stores nothing and bumps no version.
             return Ok(old_v.clone());
         }
+        // With kubelets, a terminating pod bound to a node goes when its
+        // kubelet has stopped it, not when its finalizers are gone.
+        let kubelet_holds = self.config.kubelet_stops_pods
+            && res == ids::PODS
+            && new.pointer("/spec/nodeName").is_some()
+            && new
+                .pointer("/metadata/deletionGracePeriodSeconds")
+                .and_then(Value::as_i64)
+                .is_some_and(|g| g > 0);
         let finalized = new.pointer("/metadata/deletionTimestamp").is_some()
+            && !kubelet_holds
             && new
                 .pointer("/metadata/finalizers")
                 .and_then(Value::as_array)
@@ -931,7 +945,7 @@ impl Machinery {
         if namespace_teardown {
             self.teardown_namespace(name);
         }
-        if grace.is_some() {
+        if grace.is_some() && !self.config.kubelet_stops_pods {
             self.schedule_pod_removal(
                 ns.unwrap_or("").to_string(),
                 name.to_string(),

@@ -153,6 +153,20 @@ pub mod ids {
     pub const PODS: ResourceId = 2;
     /// `poddisruptionbudgets`
     pub const PDBS: ResourceId = 15;
+    /// `services`
+    pub const SERVICES: ResourceId = 3;
+    /// `endpoints`
+    pub const ENDPOINTS: ResourceId = 4;
+    /// core v1 `events`
+    pub const EVENTS: ResourceId = 8;
+    /// `deployments`
+    pub const DEPLOYMENTS: ResourceId = 10;
+    /// `replicasets`
+    pub const REPLICASETS: ResourceId = 11;
+    /// `horizontalpodautoscalers`
+    pub const HPAS: ResourceId = 14;
+    /// `endpointslices`
+    pub const ENDPOINTSLICES: ResourceId = 17;
 }
 
 #[cfg(test)]
@@ -165,5 +179,13 @@ mod tests {
         assert_eq!(RESOURCES[ids::NODES].plural, "nodes");
         assert_eq!(RESOURCES[ids::PODS].plural, "pods");
         assert_eq!(RESOURCES[ids::PDBS].plural, "poddisruptionbudgets");
+        assert_eq!(RESOURCES[ids::SERVICES].plural, "services");
+        assert_eq!(RESOURCES[ids::ENDPOINTS].plural, "endpoints");
+        assert_eq!(RESOURCES[ids::EVENTS].plural, "events");
+        assert_eq!(RESOURCES[ids::EVENTS].group, "");
+        assert_eq!(RESOURCES[ids::DEPLOYMENTS].plural, "deployments");
+        assert_eq!(RESOURCES[ids::REPLICASETS].plural, "replicasets");
+        assert_eq!(RESOURCES[ids::HPAS].plural, "horizontalpodautoscalers");
+        assert_eq!(RESOURCES[ids::ENDPOINTSLICES].plural, "endpointslices");
     }
 }

@@ -28,7 +28,7 @@ async fn sim_with(config: SimConfig) -> (Sim, Client) {
 }
 
 async fn sim() -> (Sim, Client) {
-    sim_with(SimConfig::default()).await
+    sim_with(SimConfig::api_only()).await
 }
 
 fn api_status(e: kube::Error) -> Box<kube::core::Status> {

@@ -138,7 +138,7 @@ fn configmap(value: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_create_get_apply_label_scale_delete() {
-    let sim = Sim::start(SimConfig::default()).await.unwrap();
+    let sim = Sim::start(SimConfig::api_only()).await.unwrap();
     let k = std::sync::Arc::new(Kubectl::new(&sim));
 
     let kk = k.clone();
@@ -253,7 +253,7 @@ fn wait_for_line(rx: &mpsc::Receiver<String>, want: impl Fn(&str) -> bool, what:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_get_watch_follows_changes() {
-    let sim = Sim::start(SimConfig::default()).await.unwrap();
+    let sim = Sim::start(SimConfig::api_only()).await.unwrap();
     let k = Kubectl::new(&sim);
     let cms = by_plural("configmaps").unwrap();
     let opts = WriteOptions::default();
