@@ -5,7 +5,8 @@
 //!  slot = a host; instance `<host>@<track>` = daemon instance `<app>-<env>-<track>`
 //!  StopAndReplace/StartNew/Recreate ─► (already this generation? done) stop ─► deploy(start, generation)
 //!  TakeOffline ─► hold          BringOnline ─► release          Stop ─► stop
-//!  events: every instance's view first, then the hosts' event streams (keelson_hosts::HostEvents)
+//!  events: every instance's view first, then the hosts' event streams (keelson_hosts::HostEvents,
+//!          replayed from the start of each instance's log, so nothing is missed across a crash)
 //! ```
 //!
 //! The daemons carry what makes the commands idempotent: a start is tagged
@@ -130,8 +131,16 @@ impl HostsRuntime {
 
     /// Forwards the hosts' events about this app's instances to subscribers.
     fn follow(&self, store: Store) {
-        let mut events =
-            HostEvents::spawn(Arc::new(store), StartAt::End, 1024, self.cancel.clone());
+        // From the beginning of every instance's log: a runtime made after a
+        // crash must not miss what happened while nobody listened (the
+        // machine ignores news it already has, and news of replaced
+        // processes by their generation).
+        let mut events = HostEvents::spawn(
+            Arc::new(store),
+            StartAt::Beginning,
+            1024,
+            self.cancel.clone(),
+        );
         let names: HashMap<String, Track> = [Track::Blue, Track::Green]
             .into_iter()
             .map(|t| (self.instance_name(t), t))
@@ -450,4 +459,39 @@ impl crate::runtime::Runtimes for HostsRuntimes {
             .cloned()
             .ok_or_else(|| RuntimeError(format!("no hosts for {app} in {env}")))
     }
+}
+
+/// A [`DeployFn`] from a deploy request in which the strings `{{host}}`,
+/// `{{track}}`, `{{instance}}` (`<host>@<track>`), `{{version}}`,
+/// `{{generation}}` (`none` before any release) and `{{port}}` are replaced
+/// per start; the checkurl's port is set from `ports` (by instance id) when
+/// listed there.
+pub fn templated(template: DeployRequest, ports: BTreeMap<String, u16>) -> DeployFn {
+    // A plain data type: serializing it cannot fail.
+    let text = serde_json::to_string(&template).unwrap_or_default();
+    Arc::new(move |target| {
+        let id = HostInstance::id_of(target.host, target.track).0;
+        let port = ports
+            .get(&id)
+            .copied()
+            .unwrap_or(template.lifecycle.checkurl.port);
+        let generation = target
+            .generation
+            .map_or_else(|| "none".to_string(), |g| g.to_string());
+        let escape = |value: &str| {
+            let quoted = serde_json::to_string(value).unwrap_or_default();
+            quoted[1..quoted.len().saturating_sub(1).max(1)].to_string()
+        };
+        let filled = text
+            .replace("{{host}}", &escape(target.host))
+            .replace("{{track}}", target.track.as_str())
+            .replace("{{instance}}", &escape(&id))
+            .replace("{{version}}", &escape(&target.version.0))
+            .replace("{{generation}}", &generation)
+            .replace("{{port}}", &port.to_string());
+        let mut request: DeployRequest =
+            serde_json::from_str(&filled).unwrap_or_else(|_| template.clone());
+        request.lifecycle.checkurl.port = port;
+        request
+    })
 }
