@@ -413,6 +413,20 @@ async fn host_releases_resume_after_a_crash_at_every_step() {
             assert_eq!(f.status(&id).await, Some(Status::Succeeded), "after {at}");
             wait_all_online(&f.runtime, "v2", 2).await;
             assert_eq!(f.effects(&at), expected, "effects after a crash at {at}");
+            // The daemons' own count: one supervisor start per generation,
+            // no app restarts.
+            for (n, record) in f.records.iter().enumerate() {
+                let view = keelson_hosts::HostClient::for_host(record)
+                    .expect("client")
+                    .instance("shop-prod-blue")
+                    .await
+                    .expect("view");
+                assert_eq!(
+                    (view.generation, view.restarts, view.version.as_deref()),
+                    (Some(n as u64 + 1), 0, Some("v2")),
+                    "after {at}: {view:?}"
+                );
+            }
             f.runtime.remove_all().await;
         }
     }
