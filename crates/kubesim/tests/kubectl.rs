@@ -331,3 +331,64 @@ fn kubeconfig_written_by_the_binary_interface_is_valid_yaml_for_kubectl() {
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "http://127.0.0.1:1");
 }
+
+/// With the controllers running, kubectl's own rollout tracking completes:
+/// `create deployment`, `rollout status`, `set image`, `rollout status`
+/// again, and `rollout history` shows both revisions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_rollout_status_completes_against_the_controllers() {
+    let sim = Sim::start(SimConfig::default()).await.unwrap();
+    let k = std::sync::Arc::new(Kubectl::new(&sim));
+    let kk = k.clone();
+    let out = blocking(move || {
+        kk.ok(&[
+            "create",
+            "deployment",
+            "shop",
+            "--image=registry/shop:1",
+            "--replicas=3",
+            "--port=8080",
+        ])
+    })
+    .await;
+    assert!(out.contains("deployment.apps/shop created"), "{out}");
+    let kk = k.clone();
+    let out =
+        blocking(move || kk.ok(&["rollout", "status", "deployment/shop", "--timeout=30s"])).await;
+    assert!(out.contains("successfully rolled out"), "{out}");
+    let d = get(&sim, "deployments", "default", "shop").unwrap();
+    assert_eq!(d["status"]["availableReplicas"], 3);
+
+    let kk = k.clone();
+    blocking(move || kk.ok(&["set", "image", "deployment/shop", "shop=registry/shop:2"])).await;
+    let kk = k.clone();
+    let out =
+        blocking(move || kk.ok(&["rollout", "status", "deployment/shop", "--timeout=30s"])).await;
+    assert!(out.contains("successfully rolled out"), "{out}");
+    let d = get(&sim, "deployments", "default", "shop").unwrap();
+    assert_eq!(d["status"]["updatedReplicas"], 3);
+    assert_eq!(
+        d["metadata"]["annotations"]["deployment.kubernetes.io/revision"],
+        "2"
+    );
+    let kk = k.clone();
+    let pods = blocking(move || {
+        kk.ok(&[
+            "get",
+            "pods",
+            "-l",
+            "app=shop",
+            "-o",
+            "jsonpath={range .items[*]}{.spec.containers[0].image} {.status.phase}{\"\\n\"}{end}",
+        ])
+    })
+    .await;
+    let running_new = pods
+        .lines()
+        .filter(|l| *l == "registry/shop:2 Running")
+        .count();
+    assert!(running_new >= 3, "{pods}");
+    let kk = k.clone();
+    let history = blocking(move || kk.ok(&["rollout", "history", "deployment/shop"])).await;
+    assert!(history.contains('1') && history.contains('2'), "{history}");
+}
