@@ -457,10 +457,20 @@ impl<P: Runtimes> Worker<P> {
         let mut running: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
         let mut tasks: JoinSet<(String, Result<()>)> = JoinSet::new();
         loop {
-            let claimed = self
+            let claimed = match self
                 .store
                 .claim_releases(&self.config.owner, self.config.lease.as_millis() as u64, 64)
-                .await?;
+                .await
+            {
+                Ok(claimed) => claimed,
+                // A database that is away for a moment must not end the
+                // worker of a long-running server; a run until idle reports it.
+                Err(e) if !until_idle => {
+                    warn!(error = %e, "cannot claim releases; trying again");
+                    Vec::new()
+                }
+                Err(e) => return Err(e.into()),
+            };
             for record in claimed {
                 if running.contains_key(&record.id) {
                     continue;

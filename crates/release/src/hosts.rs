@@ -86,7 +86,8 @@ fn err(e: impl std::fmt::Display) -> RuntimeError {
 impl HostsRuntime {
     /// A runtime for `app` in `env` on `hosts` (registered in `store`, whose
     /// registry the event stream follows), starting versions as `deploy`
-    /// says.
+    /// says. Call it inside a Tokio runtime: it starts following the hosts'
+    /// events at once, until the runtime is dropped.
     pub fn new(
         store: Store,
         app: &str,
