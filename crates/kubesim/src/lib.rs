@@ -10,11 +10,15 @@
 //!                                  │ counts + faults (control)
 //!                                  ▼
 //!   tests, controllers ──────► machinery (CRUD, patch, apply, GC)
-//!                                  ▼
-//!                               store (JSON bytes, rv log, indexes)
+//!        ▲                         ▼
+//!        └──── change log ───── store (JSON bytes, rv log, indexes)
+//!
+//!   controllers: deployments, replicasets, scheduler, kubelets,
+//!                endpoints, hpa
 //! ```
 //!
-//! Start one in-process with [`Sim::start`]; the binary `kubesim` serves one
+//! Start one in-process with [`Sim::start`] (with the [`controllers`] unless
+//! [`SimConfig::api_only`]); the binary `kubesim` serves one
 //! in the foreground and writes a kubeconfig.
 
 pub mod api;
