@@ -91,14 +91,13 @@ fn alive(pid: u32) -> bool {
     }
 }
 
-async fn signal(pid: u32, name: &str) {
-    let _ = tokio::process::Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await;
+fn signal(pid: u32, signal: rustix::process::Signal) {
+    if let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    {
+        let _ = rustix::process::kill_process(pid, signal);
+    }
 }
 
 async fn wait_until(deadline: Duration, mut done: impl FnMut() -> bool) -> bool {
@@ -120,9 +119,9 @@ async fn terminate(pid: u32) {
     if !alive(pid) {
         return;
     }
-    signal(pid, "TERM").await;
+    signal(pid, rustix::process::Signal::TERM);
     if !wait_until(Duration::from_secs(5), || !alive(pid)).await {
-        signal(pid, "KILL").await;
+        signal(pid, rustix::process::Signal::KILL);
         wait_until(Duration::from_secs(5), || !alive(pid)).await;
     }
 }
@@ -504,6 +503,16 @@ impl LocalRuntime {
         for record in self.records().unwrap_or_default() {
             if let Some(pid) = record.pid {
                 terminate(pid).await;
+            }
+        }
+    }
+
+    /// Kills every process of this runtime at once (SIGKILL, no hooks):
+    /// for teardown where awaiting is not possible, such as `Drop`.
+    pub fn kill_all(&self) {
+        for record in self.records().unwrap_or_default() {
+            if let Some(pid) = record.pid.filter(|p| alive(*p)) {
+                signal(pid, rustix::process::Signal::KILL);
             }
         }
     }

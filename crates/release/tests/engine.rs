@@ -31,6 +31,13 @@ struct Scene {
     url: String,
 }
 
+impl Drop for Scene {
+    /// No process outlives its test, even a failed one.
+    fn drop(&mut self) {
+        self.runtime().kill_all();
+    }
+}
+
 impl Scene {
     async fn new(backend: Backend) -> Option<Scene> {
         let db = test_database(backend).await?;
