@@ -3,10 +3,13 @@
 //! JSON line: how long until every Deployment reports Available with all
 //! replicas, and the delay from a pod turning Ready (the kubelet's write,
 //! seen in-process the moment the store publishes it) to the watch event
-//! reaching a kube-rs client over HTTP (p50, p99, max).
+//! reaching a kube-rs client over HTTP (p50, p99, max) during that load;
+//! then the same delay with the cluster quiet (`quiet_…`: 100 pods, one at
+//! a time, turned unready and ready again with `set_ready`).
 //!
 //! `cargo run --release -p kubesim --example controllers_bench -- [--smoke]`
-//! (full: 1,000 Deployments; smoke: 50; `--deployments N` for other sizes).
+//! (full: 1,000 Deployments; smoke: 50; `--deployments N` for other sizes;
+//! `--no-events` without Events).
 
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -61,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
         controllers: Some(ControllerConfig {
             start_delay: Duration::ZERO,
             ready_delay: Duration::ZERO,
+            events: !args.iter().any(|a| a == "--no-events"),
             ..ControllerConfig::default()
         }),
         ..SimConfig::default()
@@ -212,12 +216,65 @@ async fn main() -> anyhow::Result<()> {
             .collect()
     };
     delays.sort_by(|a, b| a.total_cmp(b));
+
+    // Quiet: one pod at a time turns unready then ready again, with the
+    // cluster otherwise idle.
+    let mut names = Vec::new();
+    let _ = m.store().scan(ids::PODS, None, None, None, |o| {
+        names.push((o.namespace().to_string(), o.name().to_string()));
+        names.len() < 100
+    });
+    let ready_of = |ns: &str, name: &str| {
+        m.get(ids::PODS, Some(ns), name)
+            .map(|p| {
+                (
+                    is_ready(&p),
+                    p["metadata"]["resourceVersion"]
+                        .as_str()
+                        .unwrap_or("0")
+                        .parse::<u64>()
+                        .unwrap_or(0),
+                )
+            })
+            .unwrap_or((false, 0))
+    };
+    let mut quiet: Vec<f64> = Vec::new();
+    for (ns, name) in &names {
+        sim.set_ready(ns, name, false);
+        let until = Instant::now() + Duration::from_secs(10);
+        while ready_of(ns, name).0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        sim.set_ready(ns, name, true);
+        let rv = loop {
+            let (ready, rv) = ready_of(ns, name);
+            if ready || Instant::now() > until {
+                break rv;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        loop {
+            if let (Some(at), Some(got)) = (
+                turned_ready.lock().unwrap().get(&rv).copied(),
+                received.lock().unwrap().get(&rv).copied(),
+            ) {
+                quiet.push(got.saturating_duration_since(at).as_secs_f64() * 1000.0);
+                break;
+            }
+            if Instant::now() > until {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    quiet.sort_by(|a, b| a.total_cmp(b));
     println!(
         "{}",
         json!({
             "bench": "kubesim_controllers",
             "deployments": deployments,
             "replicas": REPLICAS,
+            "events": !args.iter().any(|a| a == "--no-events"),
             "pods": deployments as i64 * REPLICAS,
             "create_seconds": (created_secs * 1000.0).round() / 1000.0,
             "all_available_seconds": (available_secs * 1000.0).round() / 1000.0,
@@ -225,6 +282,9 @@ async fn main() -> anyhow::Result<()> {
             "ready_to_watch_p50_ms": (percentile(&delays, 0.5) * 100.0).round() / 100.0,
             "ready_to_watch_p99_ms": (percentile(&delays, 0.99) * 100.0).round() / 100.0,
             "ready_to_watch_max_ms": (percentile(&delays, 1.0) * 100.0).round() / 100.0,
+            "quiet_ready_events": quiet.len(),
+            "quiet_ready_to_watch_p50_ms": (percentile(&quiet, 0.5) * 100.0).round() / 100.0,
+            "quiet_ready_to_watch_p99_ms": (percentile(&quiet, 0.99) * 100.0).round() / 100.0,
         })
     );
     sim.shutdown().await?;

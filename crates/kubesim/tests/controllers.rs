@@ -833,3 +833,66 @@ async fn hpa_status_follows_the_simulated_metric() {
     })
     .await;
 }
+
+/// Level-triggered: controllers stopped mid-rollout, with the history they
+/// followed compacted away and the Deployment changed meanwhile, converge
+/// once started again.
+#[tokio::test]
+async fn controllers_converge_after_a_restart() {
+    let sim = Sim::start(SimConfig::api_only()).await.unwrap();
+    let client = Client::try_from(Config::new(sim.base_url().parse().unwrap())).unwrap();
+    let ctx = kubesim::controllers::Ctx {
+        machinery: sim.machinery().clone(),
+        logs: sim.logs().clone(),
+        control: sim.control().clone(),
+        config: ControllerConfig::default(),
+    };
+    let api: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    api.create(&PostParams::default(), &deployment("again", 3, json!({})))
+        .await
+        .unwrap();
+    let first = tokio_util::sync::CancellationToken::new();
+    kubesim::controllers::start(ctx.clone(), first.clone());
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    until("a pod", || async {
+        let l = pods
+            .list(&ListParams::default().labels("app=again"))
+            .await
+            .ok()?;
+        (!l.items.is_empty()).then_some(())
+    })
+    .await;
+    first.cancel();
+    api.patch(
+        "again",
+        &PatchParams::default(),
+        &set_image("registry/app:2"),
+    )
+    .await
+    .unwrap();
+    sim.compact();
+    let second = tokio_util::sync::CancellationToken::new();
+    kubesim::controllers::start(ctx, second.clone());
+    let d = rolled_out(&api, "again").await;
+    assert_eq!(
+        d.metadata.annotations.as_ref().unwrap()["deployment.kubernetes.io/revision"],
+        "2"
+    );
+    let list = until("only new pods", || async {
+        let l = pods
+            .list(&ListParams::default().labels("app=again"))
+            .await
+            .ok()?
+            .items;
+        (l.len() == 3).then_some(l)
+    })
+    .await;
+    for p in &list {
+        assert_eq!(
+            p.spec.as_ref().unwrap().containers[0].image.as_deref(),
+            Some("registry/app:2")
+        );
+        assert!(pod_is_ready(p));
+    }
+    second.cancel();
+}
