@@ -896,3 +896,109 @@ async fn controllers_converge_after_a_restart() {
     }
     second.cancel();
 }
+
+/// The scheduler places pods only on Ready nodes, reports
+/// `FailedScheduling` when none is, and binds once one turns Ready; pod IPs
+/// come from the node's range.
+#[tokio::test]
+async fn scheduler_honours_node_readiness() {
+    let (sim, client) = sim().await;
+    let m = sim.machinery();
+    let set_node_ready = |name: &str, ready: bool| {
+        let status = if ready { "True" } else { "False" };
+        m.patch(
+            kubesim::resources::ids::NODES,
+            None,
+            name,
+            kubesim::machinery::PatchKind::Merge,
+            &json!({"status": {"conditions": [{"type": "Ready", "status": status, "reason": "KubeletReady"}]}}),
+            kubesim::machinery::Sub::Status,
+            &Default::default(),
+        )
+        .unwrap();
+    };
+    for n in ["node-0", "node-1", "node-2"] {
+        set_node_ready(n, false);
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    pods.create(&PostParams::default(), &bare_pod("waiting", json!({})))
+        .await
+        .unwrap();
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    until("FailedScheduling", || async {
+        let l = events
+            .list(
+                &ListParams::default()
+                    .fields("reason=FailedScheduling,involvedObject.name=waiting"),
+            )
+            .await
+            .ok()?;
+        (!l.items.is_empty()).then_some(())
+    })
+    .await;
+    assert!(
+        pods.get("waiting")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .node_name
+            .is_none()
+    );
+    set_node_ready("node-2", true);
+    let p = until("bound to node-2 and running", || async {
+        let p = pods.get("waiting").await.ok()?;
+        (p.status.as_ref()?.phase.as_deref() == Some("Running")).then_some(p)
+    })
+    .await;
+    assert_eq!(p.spec.unwrap().node_name.as_deref(), Some("node-2"));
+    let ip = p.status.unwrap().pod_ip.unwrap();
+    assert!(
+        ip.starts_with("10.66."),
+        "node-2's range is 10.66.0.0/16: {ip}"
+    );
+    let node = m
+        .get(kubesim::resources::ids::NODES, None, "node-2")
+        .unwrap();
+    assert_eq!(node["spec"]["podCIDR"], "10.66.0.0/16");
+}
+
+/// Old ReplicaSets beyond `revisionHistoryLimit` are deleted.
+#[tokio::test]
+async fn revision_history_is_trimmed() {
+    let (_sim, client) = sim().await;
+    let api: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    api.create(
+        &PostParams::default(),
+        &deployment("hist", 1, json!({"spec": {"revisionHistoryLimit": 1}})),
+    )
+    .await
+    .unwrap();
+    for v in 2..=4 {
+        rolled_out(&api, "hist").await;
+        api.patch(
+            "hist",
+            &PatchParams::default(),
+            &set_image(&format!("registry/app:{v}")),
+        )
+        .await
+        .unwrap();
+    }
+    let d = rolled_out(&api, "hist").await;
+    assert_eq!(
+        d.metadata.annotations.as_ref().unwrap()["deployment.kubernetes.io/revision"],
+        "4"
+    );
+    let rss = until("history trimmed to one old ReplicaSet", || async {
+        let l = replica_sets(&client, "hist").await;
+        (l.len() == 2).then_some(l)
+    })
+    .await;
+    let revs: Vec<String> = rss
+        .iter()
+        .map(|r| {
+            r.metadata.annotations.as_ref().unwrap()["deployment.kubernetes.io/revision"].clone()
+        })
+        .collect();
+    assert_eq!(revs, ["3", "4"]);
+}

@@ -23,7 +23,7 @@ use crate::resources::ids::PODS;
 use crate::store::Event;
 use crate::util;
 use serde_json::{Value, json};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -51,6 +51,7 @@ pub struct Kubelet {
     host_ip: String,
     prefix: String,
     next_ip: u32,
+    used: HashSet<String>,
     runs: HashMap<String, Run>,
 }
 
@@ -103,20 +104,36 @@ impl Kubelet {
                     .and_then(|x| x["address"].as_str().map(String::from))
             })
             .unwrap_or_else(|| "10.0.0.1".into());
+        // IPs of pods already here (a restarted kubelet) stay taken.
+        let mut used = HashSet::new();
+        let _ = ctx.machinery.store().scan(PODS, None, None, None, |o| {
+            if super::node_of(o) == Some(name.as_str())
+                && let Some(ip) = str_at(&o.value(), "/status/podIP")
+            {
+                used.insert(ip.to_string());
+            }
+            true
+        });
         Kubelet {
             ctx,
             node: name,
             host_ip,
             prefix: format!("10.{}", 64 + index % 128),
             next_ip: 0,
+            used,
             runs: HashMap::new(),
         }
     }
 
     fn alloc_ip(&mut self) -> String {
-        self.next_ip = (self.next_ip + 1) % (254 * 256);
-        let n = self.next_ip;
-        format!("{}.{}.{}", self.prefix, n / 254, n % 254 + 1)
+        loop {
+            self.next_ip = (self.next_ip + 1) % (254 * 256);
+            let n = self.next_ip;
+            let ip = format!("{}.{}.{}", self.prefix, n / 254, n % 254 + 1);
+            if self.used.len() >= 254 * 256 - 1 || self.used.insert(ip.clone()) {
+                return ip;
+            }
+        }
     }
 
     fn log(&self, ns: &str, pod: &str, containers: &[String], line: &str) {
@@ -133,7 +150,9 @@ impl Kubelet {
     fn sync(&mut self, key: &str) -> Option<Duration> {
         let m = self.ctx.machinery.clone();
         let Some(o) = m.store().get(PODS, key) else {
-            self.runs.remove(key);
+            if let Some(run) = self.runs.remove(key) {
+                self.used.remove(&run.ip);
+            }
             return None;
         };
         if super::node_of(&o) != Some(self.node.as_str()) {
@@ -154,6 +173,9 @@ impl Kubelet {
             .filter_map(|c| c["name"].as_str().map(String::from))
             .collect();
         if self.runs.get(key).is_none_or(|r| r.uid != uid) {
+            if let Some(old) = self.runs.remove(key) {
+                self.used.remove(&old.ip);
+            }
             let existing_ip = str_at(&pod, "/status/podIP").map(String::from);
             let running = str_at(&pod, "/status/phase") == Some("Running");
             let ip = existing_ip.unwrap_or_else(|| self.alloc_ip());
