@@ -1,5 +1,7 @@
-//! `kubesim --listen ADDR --nodes N --zones a,b,c --kubeconfig PATH`: serves
-//! a simulated Kubernetes API in the foreground.
+//! `kubesim --listen ADDR --nodes N --zones a,b,c --kubeconfig PATH
+//! [--api-only] [--start-delay-ms N] [--ready-delay-ms N]`: serves a
+//! simulated Kubernetes cluster (API and, unless `--api-only`, controllers)
+//! in the foreground.
 
 use clap::Parser;
 use std::net::SocketAddr;
@@ -21,6 +23,15 @@ struct Args {
     /// Where to write a kubeconfig for this server.
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// Serve the API only: no controllers, scheduler or kubelets.
+    #[arg(long)]
+    api_only: bool,
+    /// Milliseconds from a pod's binding to its containers running.
+    #[arg(long, default_value_t = 50)]
+    start_delay_ms: u64,
+    /// Milliseconds from running to the readiness probe passing.
+    #[arg(long, default_value_t = 50)]
+    ready_delay_ms: u64,
 }
 
 #[tokio::main]
@@ -30,6 +41,11 @@ async fn main() -> anyhow::Result<()> {
         listen: args.listen,
         nodes: args.nodes,
         zones: args.zones,
+        controllers: (!args.api_only).then(|| kubesim::controllers::ControllerConfig {
+            start_delay: std::time::Duration::from_millis(args.start_delay_ms),
+            ready_delay: std::time::Duration::from_millis(args.ready_delay_ms),
+            ..Default::default()
+        }),
         ..Default::default()
     })
     .await?;

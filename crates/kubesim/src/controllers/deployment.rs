@@ -366,7 +366,7 @@ impl DeploymentController {
             "updatedReplicas": updated,
             "readyReplicas": ready,
             "availableReplicas": available,
-            "unavailableReplicas": (total_spec.max(replicas) - available).max(0),
+            "unavailableReplicas": (total_spec - available).max(0),
             "conditions": conds,
         });
         if let Some(c) = old.get("collisionCount") {
