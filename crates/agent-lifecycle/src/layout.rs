@@ -14,6 +14,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use keelson_core::lifecycle::{LIFECYCLE_FILE, LifecycleDocument};
 use serde::Serialize;
@@ -103,13 +104,30 @@ pub fn write_json_atomic(path: &Path, value: &impl Serialize) -> io::Result<()> 
 }
 
 /// Writes `bytes` to `path` atomically, creating the parent directory.
+///
+/// The temporary file is private to this one call (the full file name, the
+/// process and a per-process sequence number), so concurrent writers in one
+/// process never share it: `offline.ack` and `offline.done` are written by
+/// two threads of the same process at nearly the same moment, and a name
+/// derived from the stem alone (`offline.tmp.PID` for both) let one rename
+/// carry the other's content while the other failed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(
+        ".tmp.{}.{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let tmp = path.with_file_name(name);
+    let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// Reads a JSON file; `None` when it is absent or unreadable.
@@ -164,5 +182,43 @@ impl Instance {
             ("KEELSON_NAMESPACE".into(), self.namespace.clone()),
             ("KEELSON_ROOT".into(), layout.root.display().to_string()),
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two threads of one process writing sibling files (the sidecar's
+    /// watcher writes `offline.ack` while its control loop writes
+    /// `offline.done`): every write lands, whole, in its own file.
+    #[test]
+    fn concurrent_writes_of_sibling_files_never_lose_or_swap_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::under(dir.path());
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let writer = |path: PathBuf, tag: &'static str| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                for i in 0..2000 {
+                    barrier.wait();
+                    let text = format!("{tag} {i}");
+                    write_atomic(&path, text.as_bytes())
+                        .unwrap_or_else(|e| panic!("{tag} write {i} failed: {e}"));
+                    barrier.wait();
+                    assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+                }
+            })
+        };
+        let ack = writer(layout.offline_ack(), "ack");
+        let done = writer(layout.offline_done(), "done");
+        ack.join().unwrap();
+        done.join().unwrap();
+        let left: Vec<_> = std::fs::read_dir(layout.run_dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.contains(".tmp."))
+            .collect();
+        assert!(left.is_empty(), "temporary files left: {left:?}");
     }
 }

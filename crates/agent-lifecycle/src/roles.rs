@@ -241,7 +241,7 @@ pub fn offline(
 ) -> Result<(), String> {
     let started = Instant::now();
     let request = OfflineMessage {
-        id: format!("{}-{}", std::process::id(), rfc3339_now()),
+        id: request_id(),
         at: rfc3339_now(),
         outcome: None,
     };
@@ -290,6 +290,21 @@ pub fn offline(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A request id no other request shares: the process, the clock in
+/// nanoseconds and a per-process sequence number (a supervisor sends its
+/// requests from one process, possibly within one millisecond).
+fn request_id() -> String {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{}-{nanos}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
 }
 
 fn offline_locally(

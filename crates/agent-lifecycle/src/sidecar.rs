@@ -266,7 +266,8 @@ struct Sidecar {
     stop: Arc<AtomicBool>,
     phase: Phase,
     app: Option<AppProcess>,
-    /// The offline sequence ran for the current app.
+    /// The offline sequence ran for the current app (or, while none runs,
+    /// for the last one).
     offline_done: bool,
     /// How its preOffline ended.
     offline_outcome: Option<String>,
@@ -323,10 +324,22 @@ impl Sidecar {
                 at: rfc3339_now(),
                 outcome: Some(outcome),
             };
-            let _ = write_json_atomic(&self.config.layout.offline_done(), &done);
-            self.output
-                .event("offline_request_done", &[("request", json!(request.id))]);
-            self.handled_request = Some(request.id.clone());
+            match write_json_atomic(&self.config.layout.offline_done(), &done) {
+                Ok(()) => {
+                    self.output
+                        .event("offline_request_done", &[("request", json!(request.id))]);
+                    self.handled_request = Some(request.id.clone());
+                }
+                // Answered again on the next pass, from the recorded
+                // outcome: preOffline does not run twice.
+                Err(e) => self.output.event(
+                    "offline_done_write_failed",
+                    &[
+                        ("request", json!(request.id)),
+                        ("error", json!(e.to_string())),
+                    ],
+                ),
+            }
         }
         if seen.stop {
             self.set_phase(Phase::Stopping);
@@ -351,7 +364,10 @@ impl Sidecar {
                 self.remove_healthcheck("app exited");
                 self.output.event("app_exited", &[("pid", json!(old.pid))]);
                 self.app = None;
-                self.offline_done = false;
+                // `offline_done` stays: the app that went offline is gone,
+                // and a stop that follows (the supervisor stops the app
+                // after the offline request, then the sidecar) must not run
+                // preOffline again. A new incarnation resets it.
                 self.set_phase(Phase::WaitingForApp);
             }
             (Some(new), old) if Some(new) != old => {
@@ -756,6 +772,137 @@ fn spawn_renewer(client: GrantClient, config: &SidecarConfig, shared: Arc<Shared
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keelson_core::lifecycle::{CheckUrl, Hook, HookRun, Hooks, LIFECYCLE_API_VERSION};
+
+    fn sidecar_in(dir: &std::path::Path, log: &std::path::Path) -> Sidecar {
+        let layout = Layout::under(dir);
+        std::fs::create_dir_all(layout.run_dir()).unwrap();
+        let doc = LifecycleDocument {
+            api_version: LIFECYCLE_API_VERSION.into(),
+            app: "orders".into(),
+            env: "prod".into(),
+            checkurl: CheckUrl {
+                port: 9,
+                path: "/checkurl".into(),
+                expected_status: 200,
+                timeout_seconds: 1,
+                interval_seconds: 1,
+            },
+            drain_seconds: 0,
+            stop_timeout_seconds: 5,
+            hooks: Hooks {
+                pre_offline: Some(Hook {
+                    run: HookRun::Command(format!("echo preOffline >> '{}'", log.display())),
+                    timeout_seconds: 10,
+                    env: Default::default(),
+                }),
+                ..Hooks::default()
+            },
+            liveness: "true".into(),
+            authorization: None,
+        };
+        let output = Output::with_sink("sidecar", |_| {});
+        let shared = Arc::new(Shared {
+            view: Mutex::new(View {
+                phase: Phase::WaitingForApp,
+                since: rfc3339_now(),
+                app: None,
+                traffic_off: false,
+                lease_id: None,
+                last_checkurl_status: None,
+                last_hook: None,
+            }),
+            lease: Mutex::new(None),
+            online_attempt: Mutex::new(None),
+            cancel_pre_online: Arc::new(AtomicBool::new(false)),
+            stop_renewing: AtomicBool::new(false),
+        });
+        let instance = Instance::default();
+        Sidecar {
+            hooks: HookRunner::new(
+                &layout.hooks,
+                instance.hook_env(&doc, &layout),
+                output.clone(),
+            ),
+            config: SidecarConfig {
+                layout,
+                doc,
+                instance,
+                listen: "127.0.0.1:0".into(),
+                checkurl_host: "127.0.0.1".into(),
+            },
+            output,
+            shared,
+            stop: Arc::new(AtomicBool::new(false)),
+            phase: Phase::WaitingForApp,
+            app: None,
+            offline_done: false,
+            offline_outcome: None,
+            handled_request: None,
+            last_status: None,
+            next_check: Instant::now(),
+            checks: 0,
+            incarnations: 0,
+            phase_entered: Instant::now(),
+        }
+    }
+
+    /// The host's stop order, seen pass by pass: the app runs held out of
+    /// traffic, the stop's offline request is answered, the supervisor stops
+    /// the app, the sidecar sees it gone, and only then is told to stop.
+    /// preOffline runs once; a new incarnation gets its own offline sequence.
+    #[test]
+    fn an_app_exit_between_the_offline_request_and_the_stop_does_not_rerun_pre_offline() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("hooks.log");
+        let mut sidecar = sidecar_in(dir.path(), &log);
+        let runs = || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .count()
+        };
+        let app = AppProcess {
+            pid: 4242,
+            start_time: 1,
+        };
+        let request = OfflineMessage {
+            id: "r1".into(),
+            at: rfc3339_now(),
+            outcome: None,
+        };
+        let world = |stop, app, request: Option<&OfflineMessage>| Observed {
+            stop,
+            app,
+            traffic_off: true,
+            offline_request: request.cloned(),
+        };
+        assert!(!sidecar.step(&world(false, Some(app), None)));
+        assert_eq!(sidecar.phase, Phase::TrafficOff);
+        assert!(!sidecar.step(&world(false, Some(app), Some(&request))));
+        assert_eq!(runs(), 1);
+        let done: OfflineMessage = read_json(&sidecar.config.layout.offline_done()).unwrap();
+        assert_eq!(done.id, "r1");
+        assert!(!sidecar.step(&world(false, None, Some(&request))));
+        assert!(sidecar.step(&world(true, None, Some(&request))));
+        assert_eq!(runs(), 1, "preOffline ran again at the stop");
+
+        // An app that went offline, exited and was replaced: the new
+        // incarnation's stop runs its own preOffline.
+        let other = tempfile::tempdir().unwrap();
+        let mut sidecar = sidecar_in(other.path(), &log);
+        let next = AppProcess {
+            pid: 4243,
+            start_time: 2,
+        };
+        assert!(!sidecar.step(&world(false, Some(app), Some(&request))));
+        assert_eq!(runs(), 2);
+        assert!(!sidecar.step(&world(false, None, Some(&request))));
+        assert!(!sidecar.step(&world(false, Some(next), Some(&request))));
+        assert_eq!(runs(), 2, "r1 was answered already");
+        assert!(!sidecar.step(&world(true, Some(next), Some(&request))));
+        assert_eq!(runs(), 3);
+    }
 
     #[test]
     fn a_huge_lease_ttl_gives_a_bounded_deadline_not_a_panic() {

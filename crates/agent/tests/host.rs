@@ -1086,6 +1086,93 @@ fn an_instance_held_offline_stays_out_of_traffic_across_restarts_until_released(
     );
 }
 
+/// A stop of an instance held offline runs preOffline exactly once and gets
+/// the sidecar's answer (no `offline --wait` timeout), every time: the stop's
+/// offline request, the sidecar's ack and its done are written by one process
+/// at nearly the same moment, and the app's exit is seen just before the
+/// sidecar is told to stop. Repeated, because both used to be races.
+#[test]
+fn a_held_instance_is_stopped_with_exactly_one_pre_offline_every_time() {
+    const ROUNDS: usize = 25;
+    let host = Host::start("127.0.0.1");
+    let port = free_port();
+    let mut body = host.deploy_body(port, 0);
+    let mut d = doc(port);
+    d.hooks.pre_offline = Some(command_hook(&ev("hook:preOffline"), 10));
+    body["lifecycle"] = serde_json::to_value(&d).unwrap();
+    host.ok("PUT", "/v1/instances/held", Some(&body));
+    let count = |what: &str| host.events().iter().filter(|e| *e == what).count();
+    for round in 1..=ROUNDS {
+        host.ok("POST", "/v1/instances/held/start", None);
+        host.wait_phase("held", "online");
+        host.ok("POST", "/v1/instances/held/offline", None);
+        host.wait_phase("held", "traffic_off");
+        let before = count("hook:preOffline");
+        let started = Instant::now();
+        let v = host.ok("POST", "/v1/instances/held/stop", None);
+        let took = started.elapsed();
+        assert_eq!(v["state"], "stopped", "{v}");
+        let lines = host.log_lines("held");
+        let names = event_names(&lines);
+        // This round's events: from its (last) supervisor start on.
+        let from = names
+            .iter()
+            .rposition(|n| n == "supervisor_started")
+            .unwrap();
+        let this_round = &names[from..];
+        let ctx = || {
+            format!(
+                "round {round}/{ROUNDS}, stop took {took:?}\n{}",
+                host.dump()
+            )
+        };
+        assert_eq!(
+            count("hook:preOffline"),
+            before + 1,
+            "preOffline ran once per stop; {}",
+            ctx()
+        );
+        assert_eq!(
+            this_round
+                .iter()
+                .filter(|n| *n == "hook_started:preOffline")
+                .count(),
+            1,
+            "{this_round:?}\n{}",
+            ctx()
+        );
+        assert!(
+            !this_round.iter().any(|n| n == "offline_wait_timed_out"),
+            "offline --wait missed the sidecar's done: {this_round:?}\n{}",
+            ctx()
+        );
+        let done: Vec<Value> = lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["event"] == "offline_done")
+            .collect();
+        assert_eq!(
+            done.last().map(|v| v["by"].clone()),
+            Some(json!("sidecar")),
+            "{}",
+            ctx()
+        );
+        assert_in_order(
+            this_round,
+            &[
+                "stop_requested",
+                "hook_finished:preOffline",
+                "offline_request_done",
+                "offline_done",
+                "app_signaled",
+                "sidecar_stopped",
+            ],
+            &ctx(),
+        );
+    }
+    assert_eq!(count("hook:preOffline"), ROUNDS);
+}
+
 /// `POST /v1/events` without following: (instance, offset, event name).
 fn host_events(host: &Host, body: &Value) -> Vec<(String, u64, String)> {
     let bytes = serde_json::to_vec(body).unwrap();
