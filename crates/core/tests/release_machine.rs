@@ -1018,3 +1018,54 @@ fn a_rollback_waits_for_removed_pods_to_be_reported_gone() {
     };
     assert!(reason.contains("not reported gone"), "{reason}");
 }
+
+#[test]
+fn a_fresh_process_reporting_before_its_start_is_confirmed_counts_as_online() {
+    let r = hosts_release(4, Strategy::InPlace, 2, Pause::Manual);
+    let t = go(&r, Event::Start);
+    // The old processes are held offline, then replaced.
+    let t = chain(&t.release, done(&t));
+    let replacing = done(&t);
+    let hosts = |r: &Release| match &r.fleet {
+        Fleet::Hosts { instances } => instances.clone(),
+        _ => unreachable!(),
+    };
+    assert!(hosts(&t.release)[0].held);
+    // The new process of vm-0 reports ONLINE before its replacement's
+    // completion: it is a process this release started, not the held one.
+    let early = go(
+        &t.release,
+        online("vm-0:0@blue", Track::Blue, "v2", Some(1)),
+    );
+    let vm0 = hosts(&early.release)[0].clone();
+    assert_eq!(
+        (vm0.state, vm0.held, vm0.version.clone()),
+        (InstanceState::Online, false, v("v2"))
+    );
+    // The completion then changes nothing about it.
+    let t = chain(&early.release, replacing);
+    let vm0 = hosts(&t.release)[0].clone();
+    assert_eq!((vm0.state, vm0.held), (InstanceState::Online, false));
+    // Aborting now takes it offline: it is known to take traffic.
+    let t = go(&t.release, Event::Abort { keep_online: false });
+    assert_eq!(
+        commands(&t),
+        vec![Command::TakeOffline {
+            instances: Instances::Listed(ids(&["vm-0:0@blue", "vm-1:0@blue"]))
+        }]
+    );
+    // News of the held process itself (same generation) keeps its hold.
+    let t = chain(&t.release, done(&t));
+    let again = go(
+        &t.release,
+        online("vm-0:0@blue", Track::Blue, "v2", Some(1)),
+    );
+    assert_eq!(hosts(&again.release)[0].state, InstanceState::Offline);
+    let s = summarize(&again.release);
+    assert!(
+        s.instances
+            .iter()
+            .all(|i| !i.traffic || i.version == v("v1")),
+        "{s:?}"
+    );
+}

@@ -184,6 +184,23 @@ fn run(s: &Scenario) -> Result<Run, TestCaseError> {
         }
         if !sim.inbox.is_empty() {
             let c = choice.next().unwrap_or(0) as usize;
+            // Sometimes a freshly started process reports before its
+            // start's completion arrives (a runtime answers the command
+            // and streams news independently), keeping the order of news
+            // about each instance.
+            let starting = sim.world.starting();
+            if !s.kube && c % 8 == 3 && !starting.is_empty() {
+                let id = starting[c % starting.len()].clone();
+                let fail = !sim.release.status.is_terminal()
+                    && !matches!(sim.release.status, Status::Aborting { .. })
+                    && failures.next().unwrap_or(false);
+                let about = |e: &Event| matches!(e, Event::Instance(i) if i.instance == id);
+                let at = sim.inbox.iter().rposition(about).map_or(0, |p| p + 1);
+                for (n, e) in sim.world.resolve(&id, fail).into_iter().enumerate() {
+                    sim.inbox.insert(at + n, e);
+                }
+                continue;
+            }
             // Mostly in order; sometimes a later event overtakes, though
             // never one about the same instance (runtimes keep that order).
             let mut pick = if c.is_multiple_of(4) {

@@ -910,6 +910,13 @@ fn observe(r: &mut Release, event: &InstanceEvent, now: Timestamp) {
                     {
                         return;
                     }
+                    // A newer process was started by this release (only
+                    // starts hand out generations): the process that was
+                    // held offline is gone, and with it the hold, even if
+                    // this news overtakes the start's completion.
+                    if event.generation > i.generation {
+                        i.held = false;
+                    }
                     i.generation = event.generation;
                     i.version = event.version.clone();
                     i.state = match state {
