@@ -21,8 +21,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keelson_core::release::{
-    Action, Command, Event, Fleet, Input, InstanceState, Release, ReleaseSettings, Status, StepId,
-    Summary, Timestamp, Version, step, summarize,
+    Action, Event, Fleet, Input, InstanceState, Release, ReleaseSettings, Status, StepId, Summary,
+    Timestamp, Version, step, summarize,
 };
 use keelson_store::{
     CommitOutcome, JournalStatus, NewRelease, ReleaseCommit, ReleaseRecord, Store,
@@ -612,7 +612,6 @@ impl Driver {
         let (done_tx, mut done_rx) = mpsc::channel::<(StepId, Result<(), RuntimeError>)>(256);
         let mut in_flight: HashSet<StepId> = HashSet::new();
         let mut queued: Vec<Input> = Vec::new();
-        let mut deferred: Vec<Input> = Vec::new();
         // The instances the runtime knows come first (the machine's contract).
         while let Ok(event) = events.try_recv() {
             queued.push(Input {
@@ -726,14 +725,8 @@ impl Driver {
                     }
                 }
                 Next::Input(input) => {
-                    if let Event::Instance(event) = &input.event
-                        && starting(&release, &event.instance)
-                    {
-                        deferred.push(input);
-                        continue;
-                    }
-                    let completion =
-                        matches!(input.event, Event::Done { .. } | Event::ActionFailed { .. });
+                    // News of a process can overtake its start's completion;
+                    // the machine reads it in either order.
                     let mut attempts = 0;
                     loop {
                         let transition = step(&release, &input);
@@ -775,34 +768,8 @@ impl Driver {
                             }
                         }
                     }
-                    if completion {
-                        // News of instances whose start is now confirmed
-                        // goes first, in the order it came.
-                        let (ready, still): (Vec<_>, Vec<_>) =
-                            deferred.drain(..).partition(|input| match &input.event {
-                                Event::Instance(event) => !starting(&release, &event.instance),
-                                _ => true,
-                            });
-                        deferred = still;
-                        queued.splice(0..0, ready);
-                    }
                 }
             }
         }
     }
-}
-
-/// Whether a start of `instance` (replace, start new, recreate) is issued
-/// and not yet confirmed. News of the new process can overtake the
-/// command's completion; the machine reads news of a process that it does
-/// not yet know was started against the instance as it was before (held
-/// out of traffic, say), so the engine delivers that news after the
-/// completion, which is the order in which things happened.
-fn starting(release: &Release, instance: &keelson_core::release::InstanceId) -> bool {
-    release.pending.iter().any(|a| match &a.command {
-        Command::StopAndReplace { instance: i, .. }
-        | Command::StartNew { instance: i, .. }
-        | Command::Recreate { instance: i, .. } => i == instance,
-        _ => false,
-    })
 }
