@@ -391,4 +391,29 @@ async fn kubectl_rollout_status_completes_against_the_controllers() {
     let kk = k.clone();
     let history = blocking(move || kk.ok(&["rollout", "history", "deployment/shop"])).await;
     assert!(history.contains('1') && history.contains('2'), "{history}");
+
+    // Undo goes back to the first template: its ReplicaSet comes back with
+    // the next revision.
+    let kk = k.clone();
+    blocking(move || kk.ok(&["rollout", "undo", "deployment/shop"])).await;
+    let kk = k.clone();
+    let out =
+        blocking(move || kk.ok(&["rollout", "status", "deployment/shop", "--timeout=30s"])).await;
+    assert!(out.contains("successfully rolled out"), "{out}");
+    let d = get(&sim, "deployments", "default", "shop").unwrap();
+    assert_eq!(
+        d["metadata"]["annotations"]["deployment.kubernetes.io/revision"],
+        "3"
+    );
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"][0]["image"],
+        "registry/shop:1"
+    );
+    let kk = k.clone();
+    let rss = blocking(move || kk.ok(&["get", "rs", "-l", "app=shop", "-o", "name"])).await;
+    assert_eq!(
+        rss.lines().count(),
+        2,
+        "the old ReplicaSet is reused: {rss}"
+    );
 }
