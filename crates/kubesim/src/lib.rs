@@ -17,8 +17,8 @@
 //!                endpoints, hpa
 //! ```
 //!
-//! Start one in-process with [`Sim::start`] (with the [`controllers`] unless
-//! [`SimConfig::api_only`]); the binary `kubesim` serves one
+//! Start one in-process with [`Sim::start`] (API only by default, with the
+//! [`controllers`] given [`SimConfig::with_controllers`]); the binary `kubesim` serves one
 //! in the foreground and writes a kubeconfig.
 
 pub mod api;
@@ -77,15 +77,22 @@ pub struct SimConfig {
     /// How long a gracefully deleted, node-bound pod stays terminating
     /// (without controllers; with them, the kubelets decide).
     pub pod_termination: Duration,
-    /// The controllers, scheduler and kubelets; `None` serves the API only.
+    /// The controllers, scheduler and kubelets, started by [`Sim::start`]
+    /// when set; `None` (the default) serves the API only.
     pub controllers: Option<controllers::ControllerConfig>,
 }
 
 impl SimConfig {
-    /// The API machinery alone: nothing acts on the objects.
+    /// The API machinery alone: nothing acts on the objects (the default).
     pub fn api_only() -> Self {
+        SimConfig::default()
+    }
+
+    /// A cluster that behaves: the API with the controllers, scheduler and
+    /// kubelets ([`controllers::ControllerConfig::default`]).
+    pub fn with_controllers() -> Self {
         SimConfig {
-            controllers: None,
+            controllers: Some(controllers::ControllerConfig::default()),
             ..SimConfig::default()
         }
     }
@@ -100,7 +107,7 @@ impl Default for SimConfig {
             watch_window: 10_000,
             bookmark_interval: Duration::from_secs(5),
             pod_termination: Duration::from_millis(0),
-            controllers: Some(controllers::ControllerConfig::default()),
+            controllers: None,
         }
     }
 }

@@ -337,7 +337,7 @@ fn kubeconfig_written_by_the_binary_interface_is_valid_yaml_for_kubectl() {
 /// again, and `rollout history` shows both revisions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_rollout_status_completes_against_the_controllers() {
-    let sim = Sim::start(SimConfig::default()).await.unwrap();
+    let sim = Sim::start(SimConfig::with_controllers()).await.unwrap();
     let k = std::sync::Arc::new(Kubectl::new(&sim));
     let kk = k.clone();
     let out = blocking(move || {
