@@ -253,7 +253,7 @@ pub async fn create_release<R: Runtime>(
 }
 
 /// A release as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ReleaseView {
     /// Its id.

@@ -1,5 +1,5 @@
 //! The `keelson` commands that talk to a server (`apply`, `get`, `history`,
-//! `diff`, `rollback-profile`, `delete`, `audit`, `login`), run one
+//! `diff`, `rollback-profile`, `delete`, `audit`, `login`, `release`), run one
 //! (`serve`), or bootstrap its tokens (`token`). The `keelson` binary embeds
 //! these clap definitions and calls the `run_*` functions.
 //!
@@ -16,8 +16,14 @@ use clap::{Args, Subcommand, ValueEnum};
 use keelson_store::{NewToken, Role, Store, SubjectKind, TokenRecord};
 
 use crate::client::{Client, ClientError, ListApps, ListAudit};
+
+mod release;
 use crate::diff::ChangeKind;
 use crate::output::{table, to_yaml};
+pub use release::{
+    ReleaseAbortArgs, ReleaseArgs, ReleaseCommand, ReleaseStartArgs, ReleaseStatusArgs,
+    ReleaseTarget, print_status,
+};
 
 /// How a read command prints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
@@ -243,6 +249,8 @@ pub enum ClientCommand {
     Audit(AuditArgs),
     /// Check a server and token, then remember them in the config file.
     Login(LoginArgs),
+    /// Release an app (`keelson release NAME --env E --version V`), or watch and steer a release.
+    Release(Box<ReleaseArgs>),
 }
 
 /// `keelson serve`.
@@ -1004,6 +1012,7 @@ pub async fn execute(command: ClientCommand, out: &mut dyn Write) -> anyhow::Res
                 }
             }
         }
+        ClientCommand::Release(args) => release::execute(*args, out).await?,
         ClientCommand::Login(args) => {
             let client = Client::new(&args.server, Some(args.token.clone()))?;
             let me = client.whoami().await.map_err(explain)?;

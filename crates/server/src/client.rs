@@ -11,6 +11,8 @@ use serde::de::DeserializeOwned;
 
 use crate::api::{Items, ProfileDiff, RevisionList, RollbackRequest, WhoAmI};
 use crate::error::ErrorBody;
+use crate::releases::{AbortBody, ReleaseBody};
+pub use keelson_release::ReleaseView;
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -359,5 +361,242 @@ impl Client {
     pub async fn revoke_token(&self, id: &str) -> Result<TokenRecord> {
         self.send(self.request(Method::DELETE, &["api", "v1", "tokens", id]))
             .await
+    }
+
+    /// Asks for a release of `app` (it starts in `planning`; a worker runs it).
+    pub async fn create_release(&self, app: &str, body: &ReleaseBody) -> Result<ReleaseView> {
+        self.send(
+            self.request(Method::POST, &["api", "v1", "apps", app, "releases"])
+                .json(body),
+        )
+        .await
+    }
+
+    /// The releases of `app` (only in `env`, when given), newest first.
+    pub async fn releases(
+        &self,
+        app: &str,
+        env: Option<&str>,
+        limit: Option<u32>,
+    ) -> Result<Vec<ReleaseView>> {
+        let mut request = self.request(Method::GET, &["api", "v1", "apps", app, "releases"]);
+        if let Some(env) = env {
+            request = request.query(&[("env", env)]);
+        }
+        if let Some(limit) = limit {
+            request = request.query(&[("limit", limit)]);
+        }
+        let items: Items<ReleaseView> = self.send(request).await?;
+        Ok(items.items)
+    }
+
+    /// The newest release of `app` in `env`; 404 (as [`ClientError::Api`]) when there is none.
+    pub async fn latest_release(&self, app: &str, env: &str) -> Result<ReleaseView> {
+        self.releases(app, Some(env), Some(1))
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| ClientError::Api {
+                status: 404,
+                body: ErrorBody {
+                    error: crate::error::ErrorDetail {
+                        code: "not_found".into(),
+                        message: format!("app {app:?} has no release in {env:?}"),
+                        field: None,
+                        details: Vec::new(),
+                    },
+                },
+            })
+    }
+
+    /// One release of `app`.
+    pub async fn release(&self, app: &str, id: &str) -> Result<ReleaseView> {
+        self.send(self.request(Method::GET, &["api", "v1", "apps", app, "releases", id]))
+            .await
+    }
+
+    async fn steer_release(
+        &self,
+        app: &str,
+        id: &str,
+        what: &str,
+        body: Option<&AbortBody>,
+    ) -> Result<ReleaseView> {
+        let mut request = self.request(
+            Method::POST,
+            &["api", "v1", "apps", app, "releases", id, what],
+        );
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        self.send(request).await
+    }
+
+    /// Pauses a release before its next stage (409 when it cannot be paused now).
+    pub async fn pause_release(&self, app: &str, id: &str) -> Result<ReleaseView> {
+        self.steer_release(app, id, "pause", None).await
+    }
+
+    /// Resumes a paused release.
+    pub async fn resume_release(&self, app: &str, id: &str) -> Result<ReleaseView> {
+        self.steer_release(app, id, "resume", None).await
+    }
+
+    /// Aborts a release: it stops where it is and takes its new instances
+    /// out of traffic, unless `keep_online`.
+    pub async fn abort_release(
+        &self,
+        app: &str,
+        id: &str,
+        keep_online: bool,
+    ) -> Result<ReleaseView> {
+        self.steer_release(app, id, "abort", Some(&AbortBody { keep_online }))
+            .await
+    }
+
+    /// Rolls a release back to the version before it.
+    pub async fn rollback_release(&self, app: &str, id: &str) -> Result<ReleaseView> {
+        self.steer_release(app, id, "rollback", None).await
+    }
+
+    /// The release's event stream (server-sent events), from the start or
+    /// after event `last_event_id`. The server ends it once the release has
+    /// finished and every event is sent.
+    pub async fn release_events(
+        &self,
+        id: &str,
+        last_event_id: Option<i64>,
+    ) -> Result<ReleaseEventStream> {
+        let mut request = self
+            .request(Method::GET, &["api", "v1", "releases", id, "events"])
+            .header(reqwest::header::ACCEPT, "text/event-stream");
+        if let Some(last) = last_event_id {
+            request = request.header("Last-Event-ID", last.to_string());
+        }
+        let (client, request) = request.build_split();
+        let request = request.map_err(|e| ClientError::Transport {
+            url: self.base.to_string(),
+            source: e,
+        })?;
+        let url = request.url().to_string();
+        let response = client
+            .execute(request)
+            .await
+            .map_err(|e| ClientError::Transport {
+                url: url.clone(),
+                source: e,
+            })?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            let bytes = response.bytes().await.map_err(|e| ClientError::Transport {
+                url: url.clone(),
+                source: e,
+            })?;
+            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(body) => ClientError::Api { status, body },
+                Err(_) => ClientError::Unexpected {
+                    url,
+                    status,
+                    reason: String::from_utf8_lossy(&bytes).chars().take(500).collect(),
+                },
+            });
+        }
+        Ok(ReleaseEventStream {
+            url,
+            response,
+            buffer: Vec::new(),
+        })
+    }
+}
+
+/// One event of a release's stream.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct ReleaseStreamEvent {
+    /// Its id: give it as `Last-Event-ID` to resume after it.
+    pub id: i64,
+    /// When it was recorded.
+    pub at: keelson_store::Timestamp,
+    /// What happened: `kind` (`created`, `planned`, `refused`, `start`,
+    /// `instance`, `done`, `action-failed`, `tick`, `pause`, `resume`,
+    /// `abort`, `rollback`), and for transitions the `input`, the `status`
+    /// after it and the `actions` it issued.
+    pub body: serde_json::Value,
+}
+
+impl ReleaseStreamEvent {
+    /// The event's kind.
+    pub fn kind(&self) -> &str {
+        self.body["kind"].as_str().unwrap_or("event")
+    }
+}
+
+/// The longest event line this client buffers (the server's events are
+/// one JSON document each, well below it).
+const MAX_EVENT_BYTES: usize = 4 << 20;
+
+/// A release's server-sent events, read as they arrive.
+#[derive(Debug)]
+pub struct ReleaseEventStream {
+    url: String,
+    response: reqwest::Response,
+    buffer: Vec<u8>,
+}
+
+impl ReleaseEventStream {
+    /// The next event; `None` when the server has ended the stream.
+    pub async fn next(&mut self) -> Result<Option<ReleaseStreamEvent>> {
+        loop {
+            // Events are separated by a blank line.
+            let end = self
+                .buffer
+                .windows(2)
+                .position(|w| w == b"\n\n")
+                .map(|p| (p, p + 2));
+            if let Some((at, skip)) = end {
+                let block: Vec<u8> = self.buffer.drain(..skip).take(at).collect();
+                if let Some(event) = self.parse(&block)? {
+                    return Ok(Some(event));
+                }
+                continue;
+            }
+            if self.buffer.len() > MAX_EVENT_BYTES {
+                return Err(self.unexpected("an event larger than 4 MiB".into()));
+            }
+            match self
+                .response
+                .chunk()
+                .await
+                .map_err(|e| ClientError::Transport {
+                    url: self.url.clone(),
+                    source: e,
+                })? {
+                Some(chunk) => self.buffer.extend(chunk.iter().filter(|b| **b != b'\r')),
+                None => return Ok(None),
+            }
+        }
+    }
+
+    fn unexpected(&self, reason: String) -> ClientError {
+        ClientError::Unexpected {
+            url: self.url.clone(),
+            status: 200,
+            reason,
+        }
+    }
+
+    /// The `data:` of one block as an event; `None` for keep-alive comments.
+    fn parse(&self, block: &[u8]) -> Result<Option<ReleaseStreamEvent>> {
+        let text = String::from_utf8_lossy(block);
+        let data: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .map(|d| d.strip_prefix(' ').unwrap_or(d))
+            .collect();
+        if data.is_empty() {
+            return Ok(None);
+        }
+        serde_json::from_str(&data.join("\n"))
+            .map(Some)
+            .map_err(|e| self.unexpected(format!("an event that is not JSON: {e}")))
     }
 }
