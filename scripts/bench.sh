@@ -11,3 +11,4 @@ cargo run --quiet --release --locked -p keelson-server --example api_bench -- "$
 cargo bench --quiet --locked -p keelson-hosts --bench host_bench -- "${args[@]}"
 cargo run --quiet --release --locked -p keelson-agent --example bench -- "${args[@]}"
 cargo run --quiet --release --locked -p kubesim --example load_bench -- "${args[@]}"
+cargo run --quiet --release --locked -p kubesim --example controllers_bench -- "${args[@]}"
