@@ -504,6 +504,12 @@ fn abort_with_keep_online_leaves_new_instances_in_traffic() {
         }]
     );
     assert_eq!(sim.world.online(), 4);
+    // The batch it finished still counts once it has ended.
+    let s = summarize(&sim.release);
+    assert_eq!(
+        (s.status.as_str(), s.batches_done, s.batches),
+        ("aborted", 1, 2)
+    );
 }
 
 #[test]

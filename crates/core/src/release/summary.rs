@@ -132,13 +132,15 @@ pub fn summarize(release: &Release) -> Summary {
         Status::Pausing { next, .. } => *next,
         Status::Succeeded | Status::RolledBack => batches,
         Status::Aborting { at, .. } => at.map_or(0, |c| c.batch),
-        _ => release
-            .outcomes
-            .iter()
-            .filter(|o| o.state != OutcomeState::Waiting)
-            .map(|o| o.batch)
-            .max()
-            .unwrap_or(0),
+        // Ended (or not begun): the leading batches whose every new
+        // instance came online (or was tolerated).
+        _ => (0..batches)
+            .take_while(|b| {
+                let mut of = release.outcomes.iter().filter(|o| o.batch == *b);
+                of.clone().next().is_some()
+                    && of.all(|o| matches!(o.state, OutcomeState::Online | OutcomeState::Tolerated))
+            })
+            .count() as u32,
     };
     Summary {
         release: release.id.clone(),
