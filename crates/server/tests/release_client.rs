@@ -250,7 +250,7 @@ async fn release_commands(backend: Backend) {
         "instance vm-0@blue v2 online",
         "paused before batch 2",
         "abort requested",
-        "progress: aborted batches",
+        "progress: aborted batches 1/2 done",
         "instances: v1 online 1, v2 offline 1",
     ] {
         assert!(out.contains(line), "no {line:?} in:\n{out}");
