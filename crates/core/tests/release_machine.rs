@@ -1075,3 +1075,43 @@ fn a_fresh_process_reporting_before_its_start_is_confirmed_counts_as_online() {
         "{s:?}"
     );
 }
+
+#[test]
+fn a_release_after_another_hands_out_newer_generations() {
+    // The processes run what an earlier release started (generations 1–4).
+    let mut fleet = World::fleet_of_hosts(2, &v("v2"));
+    if let Fleet::Hosts { instances } = &mut fleet {
+        instances[0].generation = Some(3);
+        instances[1].generation = Some(4);
+    }
+    let r = Release::new(
+        "r2",
+        v("v2"),
+        v("v3"),
+        2,
+        fleet,
+        settings(Strategy::InPlace, size(1), Pause::Manual),
+    )
+    .unwrap();
+    let t = go(&r, Event::Start);
+    let t = chain(&t.release, done(&t));
+    assert_eq!(
+        commands(&t),
+        vec![Command::StopAndReplace {
+            instance: InstanceId("vm-0:0@blue".into()),
+            version: v("v3"),
+            generation: 5
+        }]
+    );
+    // The new process's news counts (it is not older than the fleet's).
+    let t = chain(&t.release, done(&t));
+    let t = go(
+        &t.release,
+        online("vm-0:0@blue", Track::Blue, "v3", Some(5)),
+    );
+    assert!(
+        matches!(t.release.status, Status::Paused { .. }),
+        "{:?}",
+        t.release.status
+    );
+}

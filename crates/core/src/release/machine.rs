@@ -196,6 +196,14 @@ impl Release {
         settings: ReleaseSettings,
     ) -> Result<Self, PlanError> {
         let plan = plan(&fleet, desired, &to, &settings)?;
+        // Generations go on from the processes earlier releases started,
+        // so that news of this release's starts is never taken for news
+        // of an older process (nor an older start for this one's).
+        let generations = match &fleet {
+            Fleet::Hosts { instances } => instances.iter().filter_map(|i| i.generation).max(),
+            Fleet::Kubernetes { .. } => None,
+        }
+        .unwrap_or(0);
         Ok(Self {
             id: id.into(),
             from,
@@ -210,7 +218,7 @@ impl Release {
             pending: Vec::new(),
             deadline: None,
             retired: BTreeSet::new(),
-            generations: 0,
+            generations,
         })
     }
 
