@@ -121,7 +121,7 @@ impl Harness {
             assert!(
                 Instant::now() < deadline,
                 "release never got there: {}",
-                view.status
+                serde_json::to_string(&view.summary).unwrap_or_default()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -317,8 +317,31 @@ async fn release_commands(backend: Backend) {
     let json: Value = serde_json::from_str(&json).expect("JSON");
     assert!(instances(&json).iter().all(|(_, v, _)| v != "v3"), "{json}");
 
+    // A release after a rollback (whose processes carry the generations
+    // the earlier release handed out) progresses. Without a worker an
+    // abort cannot finish: the command stops waiting when told to and says
+    // so, with the instances as they stand.
+    h.wait_for(|v| v.finished).await;
+    let (_, result) = h
+        .run("release shop --env prod --version v4 --batches 2 --pause manual")
+        .await;
+    result.expect("release");
+    h.wait_for(|v| {
+        v.status == "paused"
+            && v.state
+                .as_ref()
+                .is_some_and(|s| s.to == Version::from("v4"))
+    })
+    .await;
     cancel.cancel();
     run.await.expect("join").expect("worker");
+    let (out, result) = h.run("release abort shop --env prod --timeout 1s").await;
+    let error = result.expect_err("no worker finishes the abort");
+    assert!(error.contains("still aborting"), "{error}");
+    assert!(
+        out.contains("vm-0@blue") && out.contains("TRAFFIC"),
+        "{out}"
+    );
     runtime.stop_all().await;
     h.server.stop().await.expect("stop");
 }

@@ -7,7 +7,7 @@
 //!  keelson release status   NAME --env E [--id ID] [-o table|json|yaml]
 //!  keelson release watch    NAME --env E [--id ID]
 //!  keelson release pause|resume|rollback NAME --env E [--id ID]
-//!  keelson release abort    NAME --env E [--id ID] [--keep-online] [--no-wait]
+//!  keelson release abort    NAME --env E [--id ID] [--keep-online] [--no-wait | --timeout 10m]
 //! ```
 //!
 //! Without `--id` a command acts on the app's newest release in the
@@ -141,6 +141,14 @@ pub struct ReleaseAbortArgs {
     /// Return at once instead of waiting until the abort has finished.
     #[arg(long)]
     pub no_wait: bool,
+    /// How long to wait for the abort to finish (a worker does the
+    /// clearing-up), e.g. 30s or 10m.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    keelson_core::profile::Duration::parse(text).map(|d| Duration::from_millis(d.as_millis()))
 }
 
 fn parse_strategy(text: &str) -> Result<Strategy, String> {
@@ -238,8 +246,18 @@ pub async fn execute(args: ReleaseArgs, out: &mut dyn Write) -> anyhow::Result<(
                 .abort_release(&a.target.name, &view.id, a.keep_online)
                 .await
                 .map_err(explain)?;
+            let mut waited_out = false;
             if !a.no_wait && !view.finished {
-                view = follow(&client, &view, None).await?;
+                match tokio::time::timeout(a.timeout, follow(&client, &view, None)).await {
+                    Ok(end) => view = end?,
+                    Err(_) => {
+                        waited_out = true;
+                        view = client
+                            .release(&a.target.name, &view.id)
+                            .await
+                            .map_err(explain)?;
+                    }
+                }
             }
             match a.target.output {
                 OutputFormat::Json => print_json(out, &view)?,
@@ -251,6 +269,14 @@ pub async fn execute(args: ReleaseArgs, out: &mut dyn Write) -> anyhow::Result<(
                         print_traffic_verdict(out, &view, summary)?;
                     }
                 }
+            }
+            if waited_out {
+                return Err(anyhow!(
+                    "release {} is still {} after {:?}: is a release worker running?",
+                    view.id,
+                    view.status,
+                    a.timeout
+                ));
             }
         }
     }
