@@ -472,7 +472,9 @@ async fn follow(
             }
             return Ok(now);
         }
-        // The connection ended early: resume after the last event seen.
+        // The connection ended early: resume after the last event seen,
+        // after a moment so that a failing server is not hammered.
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
