@@ -312,16 +312,11 @@ impl Fixture {
         status.code().unwrap_or(-1)
     }
 
-    /// Every effect once, sorted. preOffline is the exception, checked
-    /// present but not counted: during a stop the agent's `offline --wait`
-    /// sometimes misses the sidecar's `offline_request_done`, waits out its
-    /// 20 s timeout, and the stop then runs preOffline a second time — the
-    /// agent's doing, not the engine's (it also makes such a run 20 s
-    /// slower).
+    /// Every effect, preOffline included, exactly once; sorted.
     fn effects(&self, context: &str) -> Vec<String> {
         let mut lines = lines(&self.log());
         let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-        for line in lines.iter().filter(|l| !l.contains(",preOffline,")) {
+        for line in &lines {
             *counts.entry(line).or_default() += 1;
         }
         assert!(
