@@ -52,11 +52,13 @@ const UNTRACKED_META: &[&str] = &[
     "selfLink",
 ];
 
-/// The paths set in `obj` within `scope`.
-pub fn field_set(obj: &Value, scope: Scope) -> FieldSet {
-    let mut out = FieldSet::new();
+/// The tracked top-level fields of `obj` within `scope`, each with its path
+/// and value: `metadata` is entered one level, minus the fields the server
+/// owns, so both [`field_set`] and [`leaf_values`] walk the same roots.
+fn tracked_roots(obj: &Value, scope: Scope) -> Vec<(&str, Path, &Value)> {
+    let mut roots = Vec::new();
     let Some(m) = obj.as_object() else {
-        return out;
+        return roots;
     };
     for (k, v) in m {
         let tracked = match (k.as_str(), scope) {
@@ -70,19 +72,26 @@ pub fn field_set(obj: &Value, scope: Scope) -> FieldSet {
             continue;
         }
         let path = vec![PathElem::Field(k.clone())];
-        if k == "metadata" {
-            if let Some(meta) = v.as_object() {
-                for (mk, mv) in meta {
-                    if !UNTRACKED_META.contains(&mk.as_str()) {
-                        let mut p = path.clone();
-                        p.push(PathElem::Field(mk.clone()));
-                        walk(mv, mk, p, &mut out);
-                    }
-                }
-            }
-        } else {
-            walk(v, k, path, &mut out);
+        if k != "metadata" {
+            roots.push((k.as_str(), path, v));
+            continue;
         }
+        for (mk, mv) in v.as_object().into_iter().flatten() {
+            if !UNTRACKED_META.contains(&mk.as_str()) {
+                let mut p = path.clone();
+                p.push(PathElem::Field(mk.clone()));
+                roots.push((mk.as_str(), p, mv));
+            }
+        }
+    }
+    roots
+}
+
+/// The paths set in `obj` within `scope`.
+pub fn field_set(obj: &Value, scope: Scope) -> FieldSet {
+    let mut out = FieldSet::new();
+    for (field, path, value) in tracked_roots(obj, scope) {
+        walk(value, field, path, &mut out);
     }
     out
 }
@@ -92,34 +101,8 @@ pub fn field_set(obj: &Value, scope: Scope) -> FieldSet {
 /// can be compared path by path.
 pub fn leaf_values(obj: &Value, scope: Scope) -> std::collections::BTreeMap<Path, &Value> {
     let mut out = std::collections::BTreeMap::new();
-    let Some(m) = obj.as_object() else {
-        return out;
-    };
-    for (k, v) in m {
-        let tracked = match (k.as_str(), scope) {
-            ("apiVersion" | "kind", _) => false,
-            ("status", Scope::Main { status_separate }) => !status_separate,
-            (_, Scope::Main { .. }) => true,
-            ("status", Scope::Status) => true,
-            (_, Scope::Status) => false,
-        };
-        if !tracked {
-            continue;
-        }
-        let path = vec![PathElem::Field(k.clone())];
-        if k == "metadata" {
-            if let Some(meta) = v.as_object() {
-                for (mk, mv) in meta {
-                    if !UNTRACKED_META.contains(&mk.as_str()) {
-                        let mut p = path.clone();
-                        p.push(PathElem::Field(mk.clone()));
-                        walk_values(mv, mk, p, &mut out);
-                    }
-                }
-            }
-        } else {
-            walk_values(v, k, path, &mut out);
-        }
+    for (field, path, value) in tracked_roots(obj, scope) {
+        walk_values(value, field, path, &mut out);
     }
     out
 }

@@ -306,6 +306,12 @@ impl Client {
             .await
     }
 
+    /// The items of a list endpoint.
+    async fn list<T: DeserializeOwned>(&self, path: &[&str]) -> Result<Vec<T>> {
+        let items: Items<T> = self.send(self.request(Method::GET, path)).await?;
+        Ok(items.items)
+    }
+
     /// Registers or updates an environment (admin).
     pub async fn put_environment(&self, env: &NewEnvironment) -> Result<Environment> {
         self.send(
@@ -317,10 +323,7 @@ impl Client {
 
     /// Registered environments.
     pub async fn environments(&self) -> Result<Vec<Environment>> {
-        let items: Items<Environment> = self
-            .send(self.request(Method::GET, &["api", "v1", "environments"]))
-            .await?;
-        Ok(items.items)
+        self.list(&["api", "v1", "environments"]).await
     }
 
     /// Registers or updates a target (admin).
@@ -334,10 +337,7 @@ impl Client {
 
     /// Registered targets.
     pub async fn targets(&self) -> Result<Vec<Target>> {
-        let items: Items<Target> = self
-            .send(self.request(Method::GET, &["api", "v1", "targets"]))
-            .await?;
-        Ok(items.items)
+        self.list(&["api", "v1", "targets"]).await
     }
 
     /// Creates a token (admin); the secret is in the answer only.
@@ -351,10 +351,7 @@ impl Client {
 
     /// All tokens (admin).
     pub async fn tokens(&self) -> Result<Vec<TokenRecord>> {
-        let items: Items<TokenRecord> = self
-            .send(self.request(Method::GET, &["api", "v1", "tokens"]))
-            .await?;
-        Ok(items.items)
+        self.list(&["api", "v1", "tokens"]).await
     }
 
     /// Revokes a token (admin).
