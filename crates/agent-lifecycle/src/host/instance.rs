@@ -233,9 +233,10 @@ impl InstanceDir {
 pub fn kill_all(state_dir: &Path, timeout: std::time::Duration) -> usize {
     let instances = state_dir.join("instances");
     let marker = instances.display().to_string();
-    let own_session = rustix::process::getsid(None)
-        .map(|p| p.as_raw_nonzero().get())
-        .unwrap_or(0);
+    // From /proc rather than getsid(2): inside a PID namespace whose session
+    // leader lives outside it, the session id reads as 0.
+    let own_session =
+        read_process(Path::new("/proc/self"), std::process::id() as i32).map_or(0, |p| p.session);
     let deadline = std::time::Instant::now() + timeout;
     let mut sessions = std::collections::HashSet::new();
     let mut killed = 0;
@@ -262,6 +263,8 @@ pub fn kill_all(state_dir: &Path, timeout: std::time::Duration) -> usize {
             }
         }
         sessions.remove(&own_session);
+        // 0 is "a session outside this PID namespace": never ours to kill.
+        sessions.remove(&0);
         let mut found = false;
         for p in procs
             .iter()
@@ -291,37 +294,31 @@ struct ProcessEntry {
 }
 
 fn list_processes() -> Vec<ProcessEntry> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-            continue;
-        };
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let (Some(state), Some(session)) = (
-            fields.first().and_then(|s| s.chars().next()),
-            fields.get(3).and_then(|s| s.parse().ok()),
-        ) else {
-            continue;
-        };
-        let cmdline = std::fs::read(entry.path().join("cmdline"))
-            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
-            .unwrap_or_default();
-        out.push(ProcessEntry {
-            pid,
-            state,
-            session,
-            cmdline,
-        });
-    }
-    out
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<i32>().ok()?;
+            read_process(&entry.path(), pid)
+        })
+        .collect()
+}
+
+/// One process's state, session and command line from its `/proc` directory.
+fn read_process(dir: &Path, pid: i32) -> Option<ProcessEntry> {
+    let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    let session = fields.get(3)?.parse().ok()?;
+    let cmdline = std::fs::read(dir.join("cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default();
+    Some(ProcessEntry {
+        pid,
+        state,
+        session,
+        cmdline,
+    })
 }
