@@ -488,9 +488,9 @@ impl<P: Runtimes> Worker<P> {
                 let task_id = id.clone();
                 let handle = tasks.spawn(
                     async move {
-                        let result = match runtimes.runtime(&record.app, &record.env) {
+                        let result = match runtimes.runtime(&record.app, &record.env).await {
                             Ok(runtime) => driver.drive(record, runtime).await,
-                            Err(e) => Err(e.into()),
+                            Err(e) => driver.no_runtime(&record, e).await,
                         };
                         (task_id, result)
                     }
@@ -547,7 +547,31 @@ impl Driver {
         runtime: &R,
     ) -> Result<Option<(Release, i64)>> {
         let fleet = runtime.fleet().await?;
-        let (state, status, release, event) = match plan_release(&record.id, fleet, request) {
+        self.store_plan(record, request, plan_release(&record.id, fleet, request))
+            .await
+    }
+
+    /// Without a runtime, a release being planned is refused (it names what
+    /// is missing); a planned one waits to be claimed again.
+    async fn no_runtime(&self, record: &ReleaseRecord, error: RuntimeError) -> Result<()> {
+        match decode_stored(record)? {
+            StoredRelease::Requested { request } => {
+                self.store_plan(record, &request, Err(Error::Plan(error.0)))
+                    .await?;
+                Ok(())
+            }
+            _ => Err(error.into()),
+        }
+    }
+
+    /// Stores a release's plan, or why there is none.
+    async fn store_plan(
+        &self,
+        record: &ReleaseRecord,
+        request: &NewReleaseRequest,
+        plan: Result<Release>,
+    ) -> Result<Option<(Release, i64)>> {
+        let (state, status, release, event) = match plan {
             Ok(release) => {
                 let event = serde_json::json!({"kind": "planned", "status": release.status});
                 (

@@ -452,7 +452,7 @@ impl HostsRuntimes {
 impl crate::runtime::Runtimes for HostsRuntimes {
     type Runtime = HostsRuntime;
 
-    fn runtime(&self, app: &str, env: &str) -> Result<Arc<HostsRuntime>, RuntimeError> {
+    async fn runtime(&self, app: &str, env: &str) -> Result<Arc<HostsRuntime>, RuntimeError> {
         self.runtimes
             .lock()
             .unwrap_or_else(|e| e.into_inner())

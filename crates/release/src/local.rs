@@ -644,7 +644,7 @@ impl LocalRuntimes {
 impl Runtimes for LocalRuntimes {
     type Runtime = LocalRuntime;
 
-    fn runtime(&self, app: &str, env: &str) -> Result<Arc<LocalRuntime>, RuntimeError> {
+    async fn runtime(&self, app: &str, env: &str) -> Result<Arc<LocalRuntime>, RuntimeError> {
         let mut runtimes = self.runtimes.lock().unwrap_or_else(|e| e.into_inner());
         Ok(runtimes
             .entry((app.to_string(), env.to_string()))

@@ -48,6 +48,12 @@ pub trait Runtimes: Send + Sync + 'static {
     /// The runtime type.
     type Runtime: Runtime;
 
-    /// The runtime that runs `app` in `env`.
-    fn runtime(&self, app: &str, env: &str) -> Result<Arc<Self::Runtime>, RuntimeError>;
+    /// The runtime that runs `app` in `env`. An error for a release that is
+    /// still being planned refuses it (nothing runs it there); for a planned
+    /// one it is taken as passing, and the release is claimed again later.
+    fn runtime(
+        &self,
+        app: &str,
+        env: &str,
+    ) -> impl Future<Output = Result<Arc<Self::Runtime>, RuntimeError>> + Send;
 }
