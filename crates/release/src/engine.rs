@@ -83,12 +83,21 @@ pub enum StoredRelease {
         /// The machine's state.
         release: Box<Release>,
     },
+    /// Aborted before any worker planned it: nothing ran.
+    AbortedUnplanned {
+        /// The request.
+        request: NewReleaseRequest,
+        /// Who aborted it.
+        by: String,
+    },
 }
 
 /// The status label of a release that is not planned yet.
 pub const PLANNING: &str = "planning";
 /// The status label of a release that could not be planned.
 pub const REFUSED: &str = "refused";
+/// The status label of an aborted release (the machine's too).
+pub const ABORTED: &str = "aborted";
 
 fn decode_stored(record: &ReleaseRecord) -> Result<StoredRelease> {
     serde_json::from_value(record.state.clone()).map_err(|e| Error::Corrupt(e.to_string()))
@@ -98,7 +107,12 @@ fn decode(record: &ReleaseRecord) -> Result<Release> {
     match decode_stored(record)? {
         StoredRelease::Planned { release } => Ok(*release),
         StoredRelease::Requested { .. } => Err(Error::Rejected(format!(
-            "release {} is still being planned",
+            "release {} is still being planned: no worker has looked at the instances yet; \
+             it can be aborted now, and paused, resumed or rolled back once it is planned",
+            record.id
+        ))),
+        StoredRelease::AbortedUnplanned { by, .. } => Err(Error::Rejected(format!(
+            "release {} was aborted by {by} before it was planned; nothing ran",
             record.id
         ))),
         StoredRelease::Refused { error, .. } => Err(Error::Rejected(format!(
@@ -284,15 +298,23 @@ pub struct ReleaseView {
     pub request: Option<NewReleaseRequest>,
     /// Why it could not be planned.
     pub error: Option<String>,
+    /// Who aborted it before it was planned (nothing ran).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aborted_unplanned_by: Option<String>,
 }
 
 /// The stored release with its summary.
 pub async fn release_view(store: &Store, id: &str) -> Result<ReleaseView> {
     let record = store.release(id).await?;
+    let mut aborted_unplanned_by = None;
     let (state, request, error) = match decode_stored(&record)? {
         StoredRelease::Planned { release } => (Some(*release), None, None),
         StoredRelease::Requested { request } => (None, Some(request), None),
         StoredRelease::Refused { request, error } => (None, Some(request), Some(error)),
+        StoredRelease::AbortedUnplanned { request, by } => {
+            aborted_unplanned_by = Some(by);
+            (None, Some(request), None)
+        }
     };
     Ok(ReleaseView {
         summary: state.as_ref().map(summarize),
@@ -309,6 +331,7 @@ pub async fn release_view(store: &Store, id: &str) -> Result<ReleaseView> {
         state,
         request,
         error,
+        aborted_unplanned_by,
     })
 }
 
@@ -370,9 +393,23 @@ fn commit_of<'a>(
 /// Applies a user's request (pause, resume, abort, rollback) to a stored
 /// release; [`Error::Rejected`] with the machine's reason when it does not
 /// fit the release's state. Audited as `release.<request>`.
+///
+/// A release still being planned can only be aborted: it ends `aborted`
+/// at once, with nothing run. A worker planning it at the same moment
+/// loses the version check and leaves it; if the worker's plan is written
+/// first, the abort is retried against the planned release and goes
+/// through the machine like any other.
 pub async fn request(store: &Store, id: &str, event: Event, actor: &str) -> Result<ReleaseView> {
     for _ in 0..MAX_RETRIES {
         let record = store.release(id).await?;
+        if let (StoredRelease::Requested { request }, Event::Abort { .. }) =
+            (decode_stored(&record)?, &event)
+        {
+            match abort_unplanned(store, &record, request, &event, actor).await? {
+                CommitOutcome::Written(_) => return release_view(store, id).await,
+                CommitOutcome::Stale => continue,
+            }
+        }
         let release = decode(&record)?;
         let input = Input {
             now: now(),
@@ -400,6 +437,45 @@ pub async fn request(store: &Store, id: &str, event: Event, actor: &str) -> Resu
         }
     }
     Err(Error::Busy(id.to_string()))
+}
+
+/// Ends a release no worker has planned yet, if it is still at the version
+/// read: nothing ran, so there is nothing to clear up.
+async fn abort_unplanned(
+    store: &Store,
+    record: &ReleaseRecord,
+    request: NewReleaseRequest,
+    event: &Event,
+    actor: &str,
+) -> Result<CommitOutcome> {
+    let state = encode(&StoredRelease::AbortedUnplanned {
+        request,
+        by: actor.to_string(),
+    });
+    let input = Input {
+        now: now(),
+        event: event.clone(),
+    };
+    let action = format!("release.{}", event_name(event));
+    Ok(store
+        .commit_release(&ReleaseCommit {
+            id: &record.id,
+            expected_version: record.version,
+            lease_owner: None,
+            state: &state,
+            status: ABORTED,
+            finished: true,
+            planned: Vec::new(),
+            done: Vec::new(),
+            failed: Vec::new(),
+            event: Some(serde_json::json!({
+                "kind": "aborted-unplanned",
+                "input": input,
+                "by": actor,
+            })),
+            audit: Some((actor, &action, encode(event))),
+        })
+        .await?)
 }
 
 /// How a worker behaves.
@@ -560,7 +636,8 @@ impl Driver {
                     .await?;
                 Ok(())
             }
-            _ => Err(error.into()),
+            StoredRelease::Planned { .. } => Err(error.into()),
+            StoredRelease::Refused { .. } | StoredRelease::AbortedUnplanned { .. } => Ok(()),
         }
     }
 
@@ -607,7 +684,12 @@ impl Driver {
         };
         match self.store.commit_release(&commit).await? {
             CommitOutcome::Written(version) => Ok(release.map(|r| (r, version))),
-            CommitOutcome::Stale => Ok(None),
+            CommitOutcome::Stale => {
+                // A user aborted it meanwhile (the only change a release
+                // being planned takes): it is theirs, and nothing ran.
+                info!("release changed while it was being planned; leaving it");
+                Ok(None)
+            }
         }
     }
 
@@ -617,7 +699,9 @@ impl Driver {
         let mut events = runtime.events().await?;
         let (mut release, mut version) = match decode_stored(&record)? {
             StoredRelease::Planned { release } => (*release, record.version),
-            StoredRelease::Refused { .. } => return Ok(()),
+            StoredRelease::Refused { .. } | StoredRelease::AbortedUnplanned { .. } => {
+                return Ok(());
+            }
             StoredRelease::Requested { request } => {
                 match self.plan(&record, &request, runtime.as_ref()).await? {
                     Some(planned) => planned,

@@ -770,3 +770,270 @@ async fn rollback_resumes_after_a_crash_at_every_step() {
         }
     }
 }
+
+/// Local runtimes whose first look at the instances (the planning) waits
+/// until the test opens the gate, so a user's request can come in while a
+/// worker plans.
+struct GatedRuntimes {
+    inner: LocalRuntimes,
+    planning: Arc<tokio::sync::Notify>,
+    gate: tokio::sync::watch::Receiver<bool>,
+}
+
+struct Gated {
+    inner: Arc<LocalRuntime>,
+    planning: Arc<tokio::sync::Notify>,
+    gate: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Runtime for Gated {
+    async fn fleet(&self) -> Result<Fleet, keelson_release::RuntimeError> {
+        self.planning.notify_one();
+        let mut gate = self.gate.clone();
+        let _ = gate.wait_for(|open| *open).await;
+        self.inner.fleet().await
+    }
+
+    async fn apply(
+        &self,
+        action: &keelson_core::release::Action,
+    ) -> Result<(), keelson_release::RuntimeError> {
+        self.inner.apply(action).await
+    }
+
+    async fn events(
+        &self,
+    ) -> Result<
+        tokio::sync::mpsc::Receiver<keelson_core::release::InstanceEvent>,
+        keelson_release::RuntimeError,
+    > {
+        self.inner.events().await
+    }
+}
+
+impl keelson_release::Runtimes for GatedRuntimes {
+    type Runtime = Gated;
+
+    async fn runtime(
+        &self,
+        app: &str,
+        env: &str,
+    ) -> Result<Arc<Gated>, keelson_release::RuntimeError> {
+        Ok(Arc::new(Gated {
+            inner: self.inner.runtime(app, env).await?,
+            planning: self.planning.clone(),
+            gate: self.gate.clone(),
+        }))
+    }
+}
+
+fn submitted(id: &str) -> NewReleaseRequest {
+    NewReleaseRequest {
+        id: Some(id.into()),
+        app: APP.into(),
+        env: ENV.into(),
+        version: Version::from("v2"),
+        desired: None,
+        settings: settings(Strategy::InPlace, 2, no_pause()),
+        actor: "alice".into(),
+    }
+}
+
+async fn event_kinds(store: &Store, id: &str) -> Vec<String> {
+    store
+        .release_events(id, 0, 1000)
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| e.body["kind"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_release_being_planned_can_be_aborted_and_nothing_runs() {
+    let scene = Scene::new(Backend::Sqlite).await.expect("sqlite");
+    let runtime = scene.deploy(2).await;
+    let before = scene.lines();
+    let record = submit_release(&scene.store, &submitted("r1"))
+        .await
+        .expect("submit");
+
+    // Pausing something that has no batches yet makes no sense: refused, saying why.
+    match request(&scene.store, &record.id, Event::Pause, "bob").await {
+        Err(Error::Rejected(why)) => {
+            assert!(
+                why.contains("still being planned") && why.contains("aborted now"),
+                "{why}"
+            );
+        }
+        other => panic!("pause of a release being planned: {other:?}"),
+    }
+    let view = request(
+        &scene.store,
+        &record.id,
+        Event::Abort { keep_online: false },
+        "bob",
+    )
+    .await
+    .expect("abort");
+    assert_eq!((view.status.as_str(), view.finished), ("aborted", true));
+    assert_eq!(view.aborted_unplanned_by.as_deref(), Some("bob"));
+    assert!(view.state.is_none() && view.summary.is_none());
+    assert_eq!(view.worker, None);
+    // Aborting twice says what happened.
+    match request(
+        &scene.store,
+        &record.id,
+        Event::Abort { keep_online: false },
+        "bob",
+    )
+    .await
+    {
+        Err(Error::Rejected(why)) => assert!(why.contains("aborted by bob"), "{why}"),
+        other => panic!("second abort: {other:?}"),
+    }
+
+    // A worker coming later finds nothing to do.
+    scene.worker("w1").run_until_idle().await.expect("worker");
+    let view = release_view(&scene.store, &record.id).await.expect("view");
+    assert_eq!(view.status, "aborted");
+    assert_eq!(
+        event_kinds(&scene.store, &record.id).await,
+        ["created", "aborted-unplanned"]
+    );
+    assert!(
+        scene
+            .store
+            .release_journal(&record.id)
+            .await
+            .expect("journal")
+            .is_empty()
+    );
+    assert_eq!(scene.lines(), before, "nothing ran");
+    // The app and env are free for the next release.
+    submit_release(&scene.store, &submitted("r2"))
+        .await
+        .expect("a new release after the aborted one");
+    runtime.stop_all().await;
+}
+
+/// A worker that is planning the release when the abort comes: the abort
+/// is written first, the worker's plan loses the version check, and the
+/// worker leaves the release alone.
+#[tokio::test]
+async fn an_abort_during_planning_wins_over_the_worker_planning() {
+    let scene = Scene::new(Backend::Sqlite).await.expect("sqlite");
+    let runtime = scene.deploy(2).await;
+    let before = scene.lines();
+    let record = submit_release(&scene.store, &submitted("r1"))
+        .await
+        .expect("submit");
+    let planning = Arc::new(tokio::sync::Notify::new());
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let worker = Worker::new(
+        scene.store.clone(),
+        Arc::new(GatedRuntimes {
+            inner: LocalRuntimes::new(scene.root(), scene.spec()),
+            planning: planning.clone(),
+            gate,
+        }),
+        WorkerConfig {
+            owner: "w1".into(),
+            lease: Duration::from_secs(10),
+            poll: Duration::from_millis(50),
+        },
+    );
+    let run = tokio::spawn(async move { worker.run_until_idle().await });
+    tokio::time::timeout(Duration::from_secs(30), planning.notified())
+        .await
+        .expect("the worker plans the release");
+    assert_eq!(
+        scene
+            .store
+            .release(&record.id)
+            .await
+            .expect("record")
+            .lease_owner
+            .as_deref(),
+        Some("w1"),
+        "the worker holds the release while it plans"
+    );
+    let view = request(
+        &scene.store,
+        &record.id,
+        Event::Abort { keep_online: false },
+        "bob",
+    )
+    .await
+    .expect("abort while a worker plans");
+    assert_eq!((view.status.as_str(), view.finished), ("aborted", true));
+    open.send(true).expect("open the gate");
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the worker ends")
+        .expect("join")
+        .expect("worker");
+
+    let view = release_view(&scene.store, &record.id).await.expect("view");
+    assert_eq!(view.status, "aborted");
+    assert!(view.state.is_none(), "the worker's plan was not written");
+    assert_eq!(
+        event_kinds(&scene.store, &record.id).await,
+        ["created", "aborted-unplanned"]
+    );
+    assert_eq!(scene.lines(), before, "nothing ran");
+    runtime.stop_all().await;
+}
+
+/// The other order: the plan is written first, so the abort goes through
+/// the machine like the abort of any planned release.
+#[tokio::test]
+async fn an_abort_after_the_plan_aborts_the_planned_release() {
+    let scene = Scene::new(Backend::Sqlite).await.expect("sqlite");
+    let runtime = scene.deploy(2).await;
+    let mut request_ = submitted("r1");
+    request_.settings = settings(Strategy::InPlace, 2, Pause::Manual);
+    let record = submit_release(&scene.store, &request_)
+        .await
+        .expect("submit");
+    let cancel = CancellationToken::new();
+    let worker = scene.worker("w1");
+    let run = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { worker.run(cancel).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while scene
+        .store
+        .release(&record.id)
+        .await
+        .expect("record")
+        .status
+        != "paused"
+    {
+        assert!(Instant::now() < deadline, "never paused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let view = request(
+        &scene.store,
+        &record.id,
+        Event::Abort { keep_online: false },
+        "bob",
+    )
+    .await
+    .expect("abort");
+    assert_eq!(view.aborted_unplanned_by, None);
+    scene.wait_status(&record.id, "aborted").await;
+    cancel.cancel();
+    run.await.expect("join").expect("worker");
+    let kinds = event_kinds(&scene.store, &record.id).await;
+    assert!(
+        kinds.contains(&"planned".to_string()) && kinds.contains(&"abort".to_string()),
+        "{kinds:?}"
+    );
+    assert!(
+        !kinds.contains(&"aborted-unplanned".to_string()),
+        "{kinds:?}"
+    );
+    runtime.stop_all().await;
+}
