@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::kill::{self, When};
-use crate::runtime::{Runtime, RuntimeError, Runtimes};
+use crate::runtime::{HookLine, HookOutput, Runtime, RuntimeError, Runtimes};
 use crate::{Error, Result};
 
 /// How often a commit refused for a newer version is retried.
@@ -607,9 +607,158 @@ struct Driver {
 
 enum Next {
     Input(Input),
+    Hook(Option<HookLine>),
+    FlushHooks,
     Reload,
     Renew,
     Stop,
+}
+
+/// Hook output lines kept per instance, hook and run; further lines of
+/// that run are dropped and counted.
+pub const HOOK_LINES_PER_RUN: u32 = 200;
+/// Hook output lines a release keeps per second on average (all its
+/// instances together), with bursts up to [`HOOK_LINES_BURST`].
+pub const HOOK_LINES_PER_SECOND: u32 = 100;
+/// The largest burst of hook output lines a release keeps at once.
+pub const HOOK_LINES_BURST: u32 = 400;
+/// Hook output lines per stored event.
+const HOOK_BATCH_LINES: usize = 100;
+/// How long hook output lines wait to be stored with others.
+const HOOK_FLUSH_EVERY: Duration = Duration::from_millis(250);
+/// Before a release's final state is written, how long its hook output may
+/// stay quiet (and at most take) to come in first, so that a watcher,
+/// whose stream ends with the release, sees it.
+const HOOK_SETTLE_QUIET: Duration = Duration::from_millis(100);
+const HOOK_SETTLE_MAX: Duration = Duration::from_secs(1);
+
+/// A release's hook output on its way into the event stream: bounded per
+/// hook run and per second, stored in batches (one event of up to
+/// [`HOOK_BATCH_LINES`] lines at most every [`HOOK_FLUSH_EVERY`]), with
+/// what was dropped said in the stream.
+///
+/// ```text
+/// {"kind": "hook-output",
+///  "lines": [{"instance": "vm-2@blue", "hook": "preOnline", "line": "warming caches…"}, …],
+///  "dropped": [{"instance": "vm-2@blue", "hook": "preOnline", "lines": 12,
+///               "why": "more than 200 lines in one run"}, …]}
+/// ```
+struct HookBatcher {
+    lines: Vec<serde_json::Value>,
+    /// (instance, hook, why) → lines dropped since the last flush.
+    dropped: BTreeMap<(String, String, &'static str), u64>,
+    per_run: HashMap<(String, String, Timestamp), u32>,
+    tokens: f64,
+    refilled: tokio::time::Instant,
+    flush_at: Option<tokio::time::Instant>,
+}
+
+const WHY_PER_RUN: &str = "more than 200 lines in one run";
+const WHY_RATE: &str = "more than 100 lines per second in the release";
+const WHY_BACKLOG: &str = "the engine fell behind";
+
+impl HookBatcher {
+    fn new() -> Self {
+        Self {
+            lines: Vec::new(),
+            dropped: BTreeMap::new(),
+            per_run: HashMap::new(),
+            tokens: f64::from(HOOK_LINES_BURST),
+            refilled: tokio::time::Instant::now(),
+            flush_at: None,
+        }
+    }
+
+    fn pending(&self) -> bool {
+        !self.lines.is_empty() || !self.dropped.is_empty()
+    }
+
+    fn drop_line(&mut self, instance: &str, hook: &str, why: &'static str, n: u64) {
+        *self
+            .dropped
+            .entry((instance.to_string(), hook.to_string(), why))
+            .or_default() += n;
+    }
+
+    fn push(&mut self, line: HookLine) {
+        let instance = line.instance.0.clone();
+        let now = tokio::time::Instant::now();
+        self.tokens = (self.tokens
+            + now.duration_since(self.refilled).as_secs_f64() * f64::from(HOOK_LINES_PER_SECOND))
+        .min(f64::from(HOOK_LINES_BURST));
+        self.refilled = now;
+        let count = self
+            .per_run
+            .entry((instance.clone(), line.hook.clone(), line.run))
+            .or_default();
+        if *count >= HOOK_LINES_PER_RUN {
+            self.drop_line(&instance, &line.hook, WHY_PER_RUN, 1);
+        } else if self.tokens < 1.0 {
+            self.drop_line(&instance, &line.hook, WHY_RATE, 1);
+        } else {
+            *count += 1;
+            self.tokens -= 1.0;
+            self.lines.push(serde_json::json!({
+                "instance": instance,
+                "hook": line.hook,
+                "line": line.line,
+            }));
+        }
+        if self.flush_at.is_none() {
+            self.flush_at = Some(now + HOOK_FLUSH_EVERY);
+        }
+    }
+
+    fn backlog(&mut self, dropped: u64) {
+        if dropped > 0 {
+            self.drop_line("", "", WHY_BACKLOG, dropped);
+            self.flush_at
+                .get_or_insert(tokio::time::Instant::now() + HOOK_FLUSH_EVERY);
+        }
+    }
+
+    /// The events to store now: every line and drop so far.
+    fn take(&mut self) -> Vec<serde_json::Value> {
+        self.flush_at = None;
+        let mut events: Vec<serde_json::Value> = Vec::new();
+        let mut lines = std::mem::take(&mut self.lines);
+        let dropped: Vec<serde_json::Value> = std::mem::take(&mut self.dropped)
+            .into_iter()
+            .map(|((instance, hook, why), n)| {
+                let mut drop = serde_json::json!({"lines": n, "why": why});
+                if !instance.is_empty() {
+                    drop["instance"] = instance.into();
+                    drop["hook"] = hook.into();
+                }
+                drop
+            })
+            .collect();
+        while lines.len() > HOOK_BATCH_LINES {
+            let rest = lines.split_off(HOOK_BATCH_LINES);
+            events.push(serde_json::json!({"kind": "hook-output", "lines": lines}));
+            lines = rest;
+        }
+        let mut last = serde_json::json!({"kind": "hook-output", "lines": lines});
+        if !dropped.is_empty() {
+            last["dropped"] = dropped.into();
+        }
+        if !lines_empty(&last) || last.get("dropped").is_some() {
+            events.push(last);
+        }
+        events
+    }
+}
+
+fn lines_empty(event: &serde_json::Value) -> bool {
+    event["lines"].as_array().is_none_or(Vec::is_empty)
+}
+
+/// Receives the next hook line; None when there is no (more) subscription.
+async fn next_hook_line(hooks: &mut Option<HookOutput>) -> Option<HookLine> {
+    match hooks {
+        Some(output) => output.lines.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Driver {
@@ -693,6 +842,43 @@ impl Driver {
         }
     }
 
+    /// Stores the hook output gathered so far (best effort: hook output
+    /// must never stop a release).
+    async fn flush_hooks(&self, id: &str, hooks: &Option<HookOutput>, batch: &mut HookBatcher) {
+        if let Some(output) = hooks {
+            batch.backlog(output.dropped.swap(0, std::sync::atomic::Ordering::Relaxed));
+        }
+        if !batch.pending() {
+            batch.flush_at = None;
+            return;
+        }
+        let events = batch.take();
+        if let Err(e) = self.store.append_release_events(id, &events).await {
+            warn!(error = %e, lines = events.len(), "cannot store hook output; dropped");
+        }
+    }
+
+    /// Lets hook output that is on its way come in, then stores it: done
+    /// before the release's final state, with which its stream ends.
+    async fn settle_hooks(
+        &self,
+        id: &str,
+        hooks: &mut Option<HookOutput>,
+        batch: &mut HookBatcher,
+    ) {
+        if let Some(output) = hooks.as_mut() {
+            let end = tokio::time::Instant::now() + HOOK_SETTLE_MAX;
+            loop {
+                let quiet = (tokio::time::Instant::now() + HOOK_SETTLE_QUIET).min(end);
+                match tokio::time::timeout_at(quiet, output.lines.recv()).await {
+                    Ok(Some(line)) => batch.push(line),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        self.flush_hooks(id, hooks, batch).await;
+    }
+
     async fn drive<R: Runtime>(self, record: ReleaseRecord, runtime: Arc<R>) -> Result<()> {
         let id = record.id.clone();
         // Subscribe before anything is applied, so no observation is missed.
@@ -709,6 +895,16 @@ impl Driver {
                 }
             }
         };
+        // Hook output of runs since the release was asked for when this
+        // worker planned it; after a worker's crash, from now on.
+        let since = match decode_stored(&record)? {
+            StoredRelease::Requested { .. } => {
+                Timestamp(u64::try_from(record.created_at.0).unwrap_or(0))
+            }
+            _ => now(),
+        };
+        let mut hooks = runtime.hook_output(since);
+        let mut batch = HookBatcher::new();
         let mut done_steps: HashSet<String> = self
             .store
             .release_journal(&id)
@@ -771,6 +967,7 @@ impl Driver {
             }
             if release.status.is_terminal() && release.pending.is_empty() && queued.is_empty() {
                 info!(status = release.status.label(), "release finished");
+                self.flush_hooks(&id, &hooks, &mut batch).await;
                 return Ok(());
             }
             let wake = match release.status {
@@ -783,8 +980,11 @@ impl Driver {
                 Next::Input(input)
             } else {
                 let sleep_ms = wake.map(|w| w.0.saturating_sub(now().0));
+                let flush_at = batch.flush_at;
                 tokio::select! {
                     _ = self.cancel.cancelled() => Next::Stop,
+                    line = next_hook_line(&mut hooks), if hooks.is_some() => Next::Hook(line),
+                    _ = tokio::time::sleep_until(flush_at.unwrap_or_else(tokio::time::Instant::now)), if flush_at.is_some() => Next::FlushHooks,
                     event = events.recv() => match event {
                         Some(event) => Next::Input(Input { now: now(), event: Event::Instance(event) }),
                         None => return Err(RuntimeError("the runtime's event stream ended".into()).into()),
@@ -806,7 +1006,22 @@ impl Driver {
                 }
             };
             match next {
-                Next::Stop => return Ok(()),
+                Next::Stop => {
+                    self.flush_hooks(&id, &hooks, &mut batch).await;
+                    return Ok(());
+                }
+                Next::Hook(Some(line)) => {
+                    batch.push(line);
+                    if batch.lines.len() >= HOOK_BATCH_LINES {
+                        self.flush_hooks(&id, &hooks, &mut batch).await;
+                    }
+                }
+                Next::Hook(None) => {
+                    // The runtime stopped passing hook output on.
+                    self.flush_hooks(&id, &hooks, &mut batch).await;
+                    hooks = None;
+                }
+                Next::FlushHooks => self.flush_hooks(&id, &hooks, &mut batch).await,
                 Next::Renew => {
                     renew_at = tokio::time::Instant::now() + self.lease / 3;
                     if !self
@@ -853,6 +1068,9 @@ impl Driver {
                             &transition.actions,
                             &state,
                         );
+                        if commit.finished {
+                            self.settle_hooks(&id, &mut hooks, &mut batch).await;
+                        }
                         match self.store.commit_release(&commit).await? {
                             CommitOutcome::Written(v) => {
                                 version = v;
@@ -879,5 +1097,82 @@ impl Driver {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keelson_core::release::InstanceId;
+
+    fn line(instance: &str, hook: &str, run: u64, text: &str) -> HookLine {
+        HookLine {
+            instance: InstanceId(instance.into()),
+            hook: hook.into(),
+            run: Timestamp(run),
+            line: text.into(),
+        }
+    }
+
+    fn kept(events: &[serde_json::Value]) -> Vec<String> {
+        events
+            .iter()
+            .flat_map(|e| e["lines"].as_array().cloned().unwrap_or_default())
+            .map(|l| l["line"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn one_run_keeps_its_first_lines_and_says_how_many_were_dropped() {
+        let mut batch = HookBatcher::new();
+        for n in 0..250 {
+            batch.push(line("vm-0@blue", "preOnline", 1, &format!("line {n}")));
+        }
+        batch.push(line("vm-1@blue", "preOnline", 1, "other instance"));
+        let events = batch.take();
+        assert!(events.iter().all(|e| e["kind"] == "hook-output"));
+        assert!(
+            events
+                .iter()
+                .all(|e| e["lines"].as_array().map_or(0, Vec::len) <= HOOK_BATCH_LINES)
+        );
+        let lines = kept(&events);
+        assert_eq!(lines.len(), HOOK_LINES_PER_RUN as usize + 1);
+        assert_eq!(lines[0], "line 0");
+        assert_eq!(lines[199], "line 199");
+        assert_eq!(lines[200], "other instance");
+        let dropped = &events.last().expect("events")["dropped"];
+        assert_eq!(
+            dropped,
+            &serde_json::json!([{"instance": "vm-0@blue", "hook": "preOnline", "lines": 50, "why": WHY_PER_RUN}])
+        );
+        assert!(!batch.pending() && batch.take().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_release_keeps_a_bounded_rate_of_lines() {
+        let mut batch = HookBatcher::new();
+        let total = 3 * HOOK_LINES_BURST;
+        for n in 0..total {
+            // Many runs, so that only the rate bounds them.
+            batch.push(line("vm-0@blue", "preStart", u64::from(n), "x"));
+        }
+        batch.backlog(7);
+        let events = batch.take();
+        let kept = kept(&events).len() as u64;
+        let dropped: u64 = events.last().expect("events")["dropped"]
+            .as_array()
+            .expect("dropped")
+            .iter()
+            .map(|d| {
+                assert!(d["why"] == WHY_RATE || d["why"] == WHY_BACKLOG, "{d}");
+                d["lines"].as_u64().unwrap_or(0)
+            })
+            .sum();
+        assert!(
+            kept >= u64::from(HOOK_LINES_BURST) && kept < u64::from(total),
+            "{kept}"
+        );
+        assert_eq!(kept + dropped, u64::from(total) + 7);
     }
 }

@@ -7,6 +7,8 @@
 //!  TakeOffline ─► hold          BringOnline ─► release          Stop ─► stop
 //!  events: every instance's view first, then the hosts' event streams (keelson_hosts::HostEvents,
 //!          replayed from the start of each instance's log, so nothing is missed across a crash)
+//! hook output: `hook_started` (a run at least as new as a subscriber's `since`) ─► follow that
+//!          instance's log from there, pass on `[<hook>] …` lines, stop at its `hook_finished`
 //! ```
 //!
 //! The daemons carry what makes the commands idempotent: a start is tagged
@@ -21,14 +23,14 @@ use std::sync::{Arc, Mutex};
 use keelson_agent_lifecycle::host::api::{DeployRequest, InstanceView, SupervisorState};
 use keelson_core::release::{
     Action, Command, Fleet, HostInstance, InstanceChange, InstanceEvent, InstanceState, Instances,
-    Track, Version,
+    Timestamp, Track, Version,
 };
 use keelson_hosts::{HostClient, HostEvents, HostRecord, StartAt};
 use keelson_store::Store;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::runtime::{Runtime, RuntimeError};
+use crate::runtime::{HookOutput, HookSubscribers, Runtime, RuntimeError};
 
 /// Where one start goes.
 #[derive(Debug, Clone)]
@@ -58,6 +60,7 @@ pub struct HostsRuntime {
     hosts: BTreeMap<String, HostClient>,
     deploy: DeployFn,
     subscribers: Arc<Mutex<Vec<mpsc::Sender<InstanceEvent>>>>,
+    hooks: Arc<HookSubscribers>,
     /// The version each (host, daemon instance) runs, as last deployed or seen.
     versions: Arc<Mutex<HashMap<(String, String), Version>>>,
     cancel: CancellationToken,
@@ -106,6 +109,7 @@ impl HostsRuntime {
             hosts: clients,
             deploy,
             subscribers: Arc::default(),
+            hooks: Arc::default(),
             versions: Arc::default(),
             cancel: CancellationToken::new(),
         };
@@ -150,12 +154,33 @@ impl HostsRuntime {
         let clients = self.hosts.clone();
         let subscribers = self.subscribers.clone();
         let versions = self.versions.clone();
+        let hooks = self.hooks.clone();
+        let cancel = self.cancel.clone();
         tokio::spawn(async move {
             while let Some(event) = events.recv().await {
                 let (Some(track), true) = (names.get(&event.instance), hosts.contains(&event.host))
                 else {
                     continue;
                 };
+                if event.name() == "hook_started"
+                    && let (Some(client), Some(step), Some(run)) = (
+                        clients.get(&event.host),
+                        event.event["step"].as_str(),
+                        event.event["ts"].as_str().and_then(parse_ts),
+                    )
+                    && hooks.wants(run)
+                {
+                    tokio::spawn(follow_hook(
+                        client.clone(),
+                        event.instance.clone(),
+                        event.offset,
+                        HostInstance::id_of(&event.host, *track),
+                        step.to_string(),
+                        run,
+                        hooks.clone(),
+                        cancel.clone(),
+                    ));
+                }
                 let Some(change) = event.change() else {
                     continue;
                 };
@@ -322,6 +347,73 @@ impl HostsRuntime {
     }
 }
 
+/// Passes on the output lines of one hook run: the instance's log from
+/// just past its `hook_started` up to its `hook_finished` (app output in
+/// between is skipped), so only the log of an instance running a hook is
+/// read, and only while it does.
+#[allow(clippy::too_many_arguments)]
+async fn follow_hook(
+    client: HostClient,
+    name: String,
+    offset: u64,
+    instance: keelson_core::release::InstanceId,
+    step: String,
+    run: Timestamp,
+    hooks: Arc<HookSubscribers>,
+    cancel: CancellationToken,
+) {
+    let Ok(mut log) = client.logs(&name, offset, true, false).await else {
+        return;
+    };
+    let tag = format!("[{step}] ");
+    loop {
+        let next = tokio::select! {
+            () = cancel.cancelled() => return,
+            next = log.next() => next,
+        };
+        let Ok(Some(entry)) = next else { return };
+        if let Some(text) = entry.line.strip_prefix(&tag) {
+            hooks.publish(&instance, &step, run, text);
+        } else if entry.line.starts_with('{')
+            && let Ok(event) = serde_json::from_str::<serde_json::Value>(&entry.line)
+        {
+            let ended = match event["event"].as_str() {
+                Some("hook_finished") => event["step"].as_str() == Some(step.as_str()),
+                Some("supervisor_exited") => true,
+                _ => false,
+            };
+            if ended || !hooks.wants(run) {
+                return;
+            }
+        }
+    }
+}
+
+/// An agent timestamp (`YYYY-MM-DDTHH:MM:SS.mmmZ`, UTC) in milliseconds
+/// since the Unix epoch.
+fn parse_ts(text: &str) -> Option<Timestamp> {
+    let b = text.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' {
+        return None;
+    }
+    let num = |from: usize, to: usize| text.get(from..to)?.parse::<i64>().ok();
+    let (y, m, d) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
+    let (hh, mm, ss) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
+    let millis = match b[19] {
+        b'.' => num(20, 23)?,
+        _ => 0,
+    };
+    // Days from civil (H. Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let ms = ((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1000) + millis;
+    u64::try_from(ms).ok().map(Timestamp)
+}
+
 async fn broadcast(subscribers: &Mutex<Vec<mpsc::Sender<InstanceEvent>>>, event: InstanceEvent) {
     let senders: Vec<_> = {
         let mut subs = subscribers.lock().unwrap_or_else(|e| e.into_inner());
@@ -412,6 +504,10 @@ impl Runtime for HostsRuntime {
         }
     }
 
+    fn hook_output(&self, since: Timestamp) -> Option<HookOutput> {
+        Some(self.hooks.subscribe(since))
+    }
+
     async fn events(&self) -> Result<mpsc::Receiver<InstanceEvent>, RuntimeError> {
         let (tx, rx) = mpsc::channel(1024);
         self.subscribers
@@ -495,4 +591,23 @@ pub fn templated(template: DeployRequest, ports: BTreeMap<String, u16>) -> Deplo
         request.lifecycle.checkurl.port = port;
         request
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_timestamps_are_read_as_unix_milliseconds() {
+        assert_eq!(parse_ts("1970-01-01T00:00:00.000Z"), Some(Timestamp(0)));
+        assert_eq!(
+            parse_ts("2026-11-22T02:50:26.123Z"),
+            Some(Timestamp(1_795_315_826_123))
+        );
+        assert_eq!(
+            parse_ts("2000-02-29T12:00:00Z"),
+            Some(Timestamp(951_825_600_000))
+        );
+        assert_eq!(parse_ts("yesterday"), None);
+    }
 }

@@ -19,7 +19,9 @@
 //! `KEELSON_GENERATION` (`none` for instances started before any release),
 //! `KEELSON_HOOK` (in hooks), `KEELSON_DIR` and `KEELSON_READY_FILE`.
 //! Steps are recorded when they are done, so a crash in the middle of one
-//! (not at a kill point) may run that one hook again.
+//! (not at a kill point) may run that one hook again. A hook's output goes
+//! to the instance's `hooks.log` and, line by line, to
+//! [`Runtime::hook_output`] subscribers.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -34,7 +36,18 @@ use keelson_core::release::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::runtime::{Runtime, RuntimeError, Runtimes};
+use crate::runtime::{HookOutput, HookSubscribers, Runtime, RuntimeError, Runtimes};
+
+/// How long a finished hook's pipes are read before the hook counts as done.
+const HOOK_PIPE_DRAIN: Duration = Duration::from_millis(500);
+
+fn now_ms() -> keelson_core::release::Timestamp {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    keelson_core::release::Timestamp(ms)
+}
 
 /// What the instances run.
 #[derive(Debug, Clone)]
@@ -73,6 +86,7 @@ pub struct LocalRuntime {
     root: PathBuf,
     spec: LocalSpec,
     subscribers: Mutex<Vec<mpsc::Sender<InstanceEvent>>>,
+    hooks: Arc<HookSubscribers>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -133,6 +147,7 @@ impl LocalRuntime {
             root: root.into(),
             spec,
             subscribers: Mutex::new(Vec::new()),
+            hooks: Arc::default(),
             locks: Mutex::new(HashMap::new()),
         }
     }
@@ -266,14 +281,46 @@ impl LocalRuntime {
             .append(true)
             .open(self.dir(&record.id).join("hooks.log"))
             .map_err(|e| e.to_string())?;
-        let log2 = log.try_clone().map_err(|e| e.to_string())?;
-        let status = self
+        let log = Arc::new(Mutex::new(log));
+        let mut child = self
             .command(script, record, Some(name))
-            .stdout(log)
-            .stderr(log2)
-            .status()
-            .await
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .map_err(|e| format!("{name}: {e}"))?;
+        let run = now_ms();
+        let instance = InstanceId(record.id.clone());
+        let mut readers = Vec::new();
+        let pipes: [Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>; 2] = [
+            child.stdout.take().map(|p| Box::new(p) as _),
+            child.stderr.take().map(|p| Box::new(p) as _),
+        ];
+        for pipe in pipes.into_iter().flatten() {
+            let (log, hooks, instance, name) = (
+                log.clone(),
+                self.hooks.clone(),
+                instance.clone(),
+                name.to_string(),
+            );
+            readers.push(tokio::spawn(async move {
+                use tokio::io::AsyncBufReadExt;
+                let mut lines = tokio::io::BufReader::new(pipe).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    {
+                        use std::io::Write;
+                        let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+                        let _ = writeln!(log, "{line}");
+                    }
+                    hooks.publish(&instance, &name, run, &line);
+                }
+            }));
+        }
+        let status = child.wait().await.map_err(|e| format!("{name}: {e}"))?;
+        // A process the hook left in the background may keep its pipes
+        // open: its later lines still go on, but the hook is done.
+        for reader in readers {
+            let _ = tokio::time::timeout(HOOK_PIPE_DRAIN, reader).await;
+        }
         if status.success() {
             Ok(())
         } else {
@@ -602,6 +649,10 @@ impl Runtime for LocalRuntime {
             | Command::AwaitResume
             | Command::Finish { .. } => Ok(()),
         }
+    }
+
+    fn hook_output(&self, since: keelson_core::release::Timestamp) -> Option<HookOutput> {
+        Some(self.hooks.subscribe(since))
     }
 
     async fn events(&self) -> Result<mpsc::Receiver<InstanceEvent>, RuntimeError> {

@@ -1037,3 +1037,126 @@ async fn an_abort_after_the_plan_aborts_the_planned_release() {
     );
     runtime.stop_all().await;
 }
+
+/// `(instance, hook, line)` of every hook output line in the release's
+/// events, and the drops they report.
+async fn hook_output(
+    store: &Store,
+    id: &str,
+) -> (Vec<(String, String, String)>, Vec<serde_json::Value>) {
+    let mut lines = Vec::new();
+    let mut dropped = Vec::new();
+    for event in store.release_events(id, 0, 10_000).await.expect("events") {
+        if event.body["kind"] != "hook-output" {
+            continue;
+        }
+        for line in event.body["lines"].as_array().cloned().unwrap_or_default() {
+            let text = |k: &str| line[k].as_str().unwrap_or_default().to_string();
+            lines.push((text("instance"), text("hook"), text("line")));
+        }
+        dropped.extend(
+            event.body["dropped"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default(),
+        );
+    }
+    (lines, dropped)
+}
+
+#[tokio::test]
+async fn hook_output_lines_reach_the_release_events_bounded() {
+    let scene = Scene::new(Backend::Sqlite).await.expect("sqlite");
+    let chatty = LocalSpec {
+        app: r#": > "$KEELSON_READY_FILE"
+echo "app stdout is not hook output"
+exec sleep 300"#
+            .into(),
+        pre_start: Some(r#"echo "preparing $KEELSON_VERSION"; echo "to stderr" >&2"#.into()),
+        pre_online: Some(
+            r#"echo "warming caches…"; case "$KEELSON_SLOT" in vm-1) seq 1 250;; esac"#.into(),
+        ),
+        pre_offline: Some(r#"echo "draining $KEELSON_INSTANCE""#.into()),
+        start_timeout: Duration::from_secs(10),
+    };
+    let runtime = LocalRuntime::new(scene.root().join(APP).join(ENV), chatty.clone());
+    for n in 0..2 {
+        runtime
+            .deploy(&format!("vm-{n}"), Track::Blue, &Version::from("v1"))
+            .await
+            .expect("deploy v1");
+    }
+    let id = scene
+        .create(&runtime, "v2", settings(Strategy::InPlace, 2, no_pause()))
+        .await;
+    Worker::new(
+        scene.store.clone(),
+        Arc::new(LocalRuntimes::new(scene.root(), chatty)),
+        WorkerConfig {
+            owner: "w1".into(),
+            lease: Duration::from_secs(10),
+            poll: Duration::from_millis(50),
+        },
+    )
+    .run_until_idle()
+    .await
+    .expect("worker");
+    assert_eq!(
+        release_view(&scene.store, &id).await.expect("view").status,
+        "succeeded"
+    );
+
+    let (lines, dropped) = hook_output(&scene.store, &id).await;
+    let of = |instance: &str, hook: &str| -> Vec<String> {
+        lines
+            .iter()
+            .filter(|(i, h, _)| i == instance && h == hook)
+            .map(|(_, _, l)| l.clone())
+            .collect()
+    };
+    // In-place: the old process leaves traffic (preOffline), the new one starts.
+    assert_eq!(of("vm-0@blue", "preOffline"), ["draining vm-0@blue"]);
+    let mut pre_start = of("vm-0@blue", "preStart");
+    pre_start.sort();
+    assert_eq!(pre_start, ["preparing v2", "to stderr"]);
+    assert_eq!(of("vm-0@blue", "preOnline"), ["warming caches…"]);
+    // Lines of one run come in the order the hook wrote them, up to the cap.
+    let vm1 = of("vm-1@blue", "preOnline");
+    assert_eq!(vm1.len(), 200, "{vm1:?}");
+    assert_eq!(vm1[0], "warming caches…");
+    assert_eq!(vm1[1..4], ["1", "2", "3"]);
+    assert_eq!(vm1[199], "199");
+    assert_eq!(
+        dropped,
+        vec![serde_json::json!({
+            "instance": "vm-1@blue", "hook": "preOnline", "lines": 51,
+            "why": "more than 200 lines in one run"
+        })]
+    );
+    // Only hooks: not the app's output, not the hooks of the v1 deploys
+    // made before the release.
+    assert!(
+        lines.iter().all(|(_, _, l)| !l.contains("app stdout")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().all(|(_, _, l)| l != "preparing v1"),
+        "{lines:?}"
+    );
+    // Stored before the release's end, with which its stream ends.
+    let events = scene
+        .store
+        .release_events(&id, 0, 10_000)
+        .await
+        .expect("events");
+    let last_hooks = events
+        .iter()
+        .rposition(|e| e.body["kind"] == "hook-output")
+        .expect("hook output");
+    let finished = events
+        .iter()
+        .position(|e| e.body["status"]["status"] == "succeeded")
+        .expect("the final state");
+    assert!(last_hooks < finished, "hook output after the end");
+    runtime.stop_all().await;
+}

@@ -92,8 +92,12 @@ fn template(log: &Path) -> DeployRequest {
     let line = |step: &str| {
         format!(r#"echo "{{{{instance}}}},{step},{{{{version}}}},{{{{generation}}}}" >> "{log}""#)
     };
+    // Hooks also print a line, which the release's events show.
     let hook = |step: &str| Hook {
-        run: HookRun::Command(line(step)),
+        run: HookRun::Command(format!(
+            r#"{}; echo "{step} of {{{{instance}}}} on {{{{version}}}}""#,
+            line(step)
+        )),
         timeout_seconds: 10,
         env: BTreeMap::new(),
     };
@@ -352,6 +356,49 @@ async fn in_place_release_on_host_daemons() {
     wait_all_online(&f.runtime, "v2", 2).await;
 
     f.effects("no crash");
+    // What the hooks printed is in the release's events, tagged with the
+    // instance and the hook; nothing of the v1 deploys before the release.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let expected: Vec<(String, String, String)> = ["vm-0", "vm-1"]
+        .iter()
+        .flat_map(|host| {
+            let i = format!("{host}@blue");
+            [
+                ("preOffline", "v1"),
+                ("preStart", "v2"),
+                ("preOnline", "v2"),
+            ]
+            .map(|(hook, v)| (i.clone(), hook.to_string(), format!("{hook} of {i} on {v}")))
+        })
+        .collect();
+    loop {
+        let mut shown: Vec<(String, String, String)> = Vec::new();
+        for event in f
+            .store
+            .release_events(&id, 0, 10_000)
+            .await
+            .expect("events")
+        {
+            if event.body["kind"] != "hook-output" {
+                continue;
+            }
+            for line in event.body["lines"].as_array().cloned().unwrap_or_default() {
+                let text = |k: &str| line[k].as_str().unwrap_or_default().to_string();
+                shown.push((text("instance"), text("hook"), text("line")));
+            }
+        }
+        shown.sort();
+        let mut want = expected.clone();
+        want.sort();
+        if shown == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "hook output in the events: {shown:#?}\nexpected: {want:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let lines = lines(&f.log());
     for (n, host) in ["vm-0", "vm-1"].iter().enumerate() {
         let i = format!("{host}@blue");

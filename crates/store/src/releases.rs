@@ -475,6 +475,38 @@ impl Store {
         })
     }
 
+    /// Appends events to a release's stream without changing its state
+    /// (what happened around the release, such as its hooks' output), in
+    /// one transaction. Nothing is written for a release that does not
+    /// exist.
+    pub async fn append_release_events(
+        &self,
+        id: &str,
+        bodies: &[serde_json::Value],
+    ) -> Result<()> {
+        if bodies.is_empty() {
+            return Ok(());
+        }
+        let _turn = self.writer_turn().await;
+        on_pool!(self, |pool, dialect| {
+            let mut tx = pool.begin_with(dialect.begin_write()).await?;
+            let now = Timestamp::now().0;
+            for body in bodies {
+                sqlx::query(
+                    "INSERT INTO release_events (release_id, at, body_json) \
+                     SELECT id, $2, $3 FROM releases WHERE id = $1",
+                )
+                .bind(id)
+                .bind(now)
+                .bind(body.to_string())
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
     /// A release's journal, in the order the steps were issued.
     pub async fn release_journal(&self, id: &str) -> Result<Vec<JournalEntry>> {
         on_pool!(self, |pool, _d| {

@@ -261,3 +261,55 @@ async fn sqlite_one_open_release_per_app_and_env() {
 async fn postgres_one_open_release_per_app_and_env() {
     one_open_release_per_app_and_env(Backend::Postgres).await;
 }
+
+async fn appended_events_join_the_stream_without_changing_the_release(backend: Backend) {
+    let Some((store, _db)) = open(backend).await else {
+        return;
+    };
+    create(&store, "r1", "prod").await;
+    let before = store.release("r1").await.expect("release");
+    store
+        .append_release_events(
+            "r1",
+            &[
+                json!({"kind": "hook-output", "lines": [{"line": "a"}]}),
+                json!({"kind": "hook-output", "lines": [{"line": "b"}]}),
+            ],
+        )
+        .await
+        .expect("append");
+    store
+        .append_release_events("r1", &[])
+        .await
+        .expect("append nothing");
+    // A release that does not exist gets nothing (and no orphan events).
+    store
+        .append_release_events("nope", &[json!({"kind": "hook-output"})])
+        .await
+        .expect("append to nothing");
+    assert!(
+        store
+            .release_events("nope", 0, 10)
+            .await
+            .expect("events")
+            .is_empty()
+    );
+    let events = store.release_events("r1", 0, 10).await.expect("events");
+    let lines: Vec<_> = events
+        .iter()
+        .map(|e| e.body["lines"][0]["line"].as_str().unwrap_or("-"))
+        .collect();
+    assert_eq!(lines, ["-", "a", "b"]);
+    assert!(events.windows(2).all(|w| w[0].id < w[1].id));
+    assert_eq!(store.release("r1").await.expect("release"), before);
+}
+
+#[tokio::test]
+async fn sqlite_appended_events_join_the_stream_without_changing_the_release() {
+    appended_events_join_the_stream_without_changing_the_release(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn postgres_appended_events_join_the_stream_without_changing_the_release() {
+    appended_events_join_the_stream_without_changing_the_release(Backend::Postgres).await;
+}
