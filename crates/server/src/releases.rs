@@ -4,7 +4,8 @@
 //!  POST /apps/{name}/releases ─► settings from the app's profile + overrides
 //!        ─► keelson_release::submit_release (status `planning`) ─► a worker plans and runs it
 //!  POST …/{id}/pause|resume|abort|rollback ─► keelson_release::request ─► 409 when the
-//!        machine refuses it in the release's state (its reason is the message)
+//!        machine refuses it in the release's state (its reason is the message); a release
+//!        still `planning` can only be aborted (it ends `aborted`, nothing ran)
 //!  GET  /releases/{id}/events ─► SSE of the stored events, resumable with Last-Event-ID
 //! ```
 //!

@@ -172,6 +172,43 @@ async fn release_commands(backend: Backend) {
     assert!(status.contains("status:   planning"), "{status}");
     assert!(status.contains("waiting for a worker"), "{status}");
 
+    // Nobody has planned it yet: it can be aborted, and nothing runs.
+    let (_, result) = h.run("release pause shop --env prod").await;
+    let error = result.expect_err("pause while planning");
+    assert!(
+        error.contains("still being planned") && error.contains("409"),
+        "{error}"
+    );
+    let (out, result) = h.run("release abort shop --env prod").await;
+    result.expect("abort while planning");
+    assert!(
+        out.contains("aborted") && out.contains("aborted before it was planned: nothing ran"),
+        "{out}"
+    );
+    let (status, result) = h.run("release status shop --env prod").await;
+    result.expect("status");
+    assert!(status.contains("status:   aborted"), "{status}");
+    assert!(
+        status.contains("aborted:  by alice before it was planned; nothing ran"),
+        "{status}"
+    );
+    assert!(!status.contains("waiting for a worker"), "{status}");
+    let (out, result) = h.run("release watch shop --env prod").await;
+    let error = result.expect_err("an aborted release");
+    assert!(
+        error.contains("ended aborted: aborted by alice before it was planned"),
+        "{error}"
+    );
+    assert!(
+        out.contains("aborted by alice before it was planned: nothing ran"),
+        "{out}"
+    );
+    let (out, result) = h
+        .run("release shop --env prod --version v2 --strategy in-place --batches 2 --pause manual")
+        .await;
+    result.expect("release again");
+    assert!(out.contains("v2 planning"), "{out}");
+
     let cancel = CancellationToken::new();
     let worker = Worker::new(
         h.store.clone(),

@@ -35,7 +35,9 @@ fn spec(log: &std::path::Path) -> LocalSpec {
 exec sleep 300"#
         ),
         pre_start: Some(line.clone()),
-        pre_online: Some(line.clone()),
+        pre_online: Some(format!(
+            r#"{line}; echo "warming caches on $KEELSON_INSTANCE""#
+        )),
         pre_offline: Some(line),
         start_timeout: Duration::from_secs(10),
     }
@@ -412,4 +414,131 @@ async fn sqlite_release_through_the_api() {
 #[tokio::test]
 async fn postgres_release_through_the_api() {
     release_through_the_api(Backend::Postgres).await;
+}
+
+/// A release no worker has planned yet: pausing it is refused with a
+/// reason, aborting it ends it at once with nothing run, and a worker that
+/// comes later leaves it alone.
+async fn abort_while_planning(backend: Backend) {
+    let Some(h) = Harness::start(backend).await else {
+        return;
+    };
+    h.admin
+        .apply(
+            &profile("shop", "team-a", &["alice"], "registry/shop"),
+            None,
+        )
+        .await
+        .expect("apply");
+    let runtime = LocalRuntime::new(h.dir.path().join("runtimes/shop/prod"), h.spec());
+    for slot in ["vm-0", "vm-1"] {
+        runtime
+            .deploy(slot, Track::Blue, &Version::from("v1"))
+            .await
+            .expect("deploy");
+    }
+    let effects = || std::fs::read_to_string(h.dir.path().join("effects.log")).expect("log");
+    let before = effects();
+    let alice = h.token("alice", &["team-a"], Role::Member).await;
+    let bob = h.token("bob", &["team-b"], Role::Member).await;
+    let post = reqwest::Method::POST;
+    let (code, created) = h
+        .call(
+            post.clone(),
+            "/api/v1/apps/shop/releases",
+            &alice,
+            Some(json!({"env": "prod", "version": "v2", "batches": 2})),
+        )
+        .await;
+    assert_eq!((code, created["status"].as_str()), (202, Some("planning")));
+    let id = created["id"].as_str().expect("id").to_string();
+    let steer = |what: &str| format!("/api/v1/apps/shop/releases/{id}/{what}");
+
+    let (code, reply) = h.call(post.clone(), &steer("pause"), &alice, None).await;
+    assert_eq!(
+        (code, reply["error"]["code"].as_str()),
+        (409, Some("release_state")),
+        "{reply}"
+    );
+    let message = reply["error"]["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("still being planned") && message.contains("aborted now"),
+        "{reply}"
+    );
+    let (code, reply) = h.call(post.clone(), &steer("abort"), &bob, None).await;
+    assert_eq!(code, 403, "{reply}");
+    let (code, aborted) = h.call(post.clone(), &steer("abort"), &alice, None).await;
+    assert_eq!(code, 200, "{aborted}");
+    assert_eq!(
+        (
+            aborted["status"].as_str(),
+            aborted["finished"].as_bool(),
+            aborted["abortedUnplannedBy"].as_str()
+        ),
+        (Some("aborted"), Some(true), Some("alice")),
+        "{aborted}"
+    );
+    let (code, reply) = h.call(post.clone(), &steer("abort"), &alice, None).await;
+    assert_eq!(code, 409, "{reply}");
+
+    // The stream tells the whole story and ends, since the release has.
+    let events = h.events(&id, None).await;
+    let kinds: Vec<&str> = events.iter().map(|(_, k, _)| k.as_str()).collect();
+    assert_eq!(kinds, ["created", "aborted-unplanned"]);
+    assert_eq!(events[1].2["body"]["by"], "alice");
+
+    // A worker finds nothing to claim; nothing ran.
+    let worker = Worker::new(
+        h.store.clone(),
+        Arc::new(LocalRuntimes::new(h.dir.path().join("runtimes"), h.spec())),
+        WorkerConfig {
+            owner: "w1".into(),
+            lease: Duration::from_secs(10),
+            poll: Duration::from_millis(50),
+        },
+    );
+    worker.run_until_idle().await.expect("worker");
+    let view = h.wait_status(&id, "aborted").await;
+    assert_eq!(view["summary"], Value::Null, "{view}");
+    assert_eq!(effects(), before, "nothing ran");
+
+    let audit = h
+        .admin
+        .audit(&ListAudit {
+            resource: Some(id.clone()),
+            limit: Some(100),
+            ..Default::default()
+        })
+        .await
+        .expect("audit");
+    assert!(
+        audit
+            .items
+            .iter()
+            .any(|e| e.action == "release.abort" && e.actor == "alice"),
+        "{:?}",
+        audit.items
+    );
+    // The environment is free again.
+    let (code, reply) = h
+        .call(
+            post,
+            "/api/v1/apps/shop/releases",
+            &alice,
+            Some(json!({"env": "prod", "version": "v3"})),
+        )
+        .await;
+    assert_eq!(code, 202, "{reply}");
+    runtime.stop_all().await;
+    h.server.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn sqlite_abort_while_planning() {
+    abort_while_planning(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn postgres_abort_while_planning() {
+    abort_while_planning(Backend::Postgres).await;
 }

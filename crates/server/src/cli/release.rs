@@ -264,6 +264,9 @@ pub async fn execute(args: ReleaseArgs, out: &mut dyn Write) -> anyhow::Result<(
                 OutputFormat::Yaml => print_yaml(out, &view)?,
                 _ => {
                     writeln!(out, "release {} {}", view.id, view.status)?;
+                    if view.aborted_unplanned_by.is_some() {
+                        writeln!(out, "aborted before it was planned: nothing ran")?;
+                    }
                     if let Some(summary) = &view.summary {
                         print_instances(out, summary)?;
                         print_traffic_verdict(out, &view, summary)?;
@@ -318,8 +321,11 @@ pub fn print_status(out: &mut dyn Write, view: &ReleaseView) -> anyhow::Result<(
     if let Some(error) = &view.error {
         writeln!(out, "refused:  {error}")?;
     }
+    if let Some(by) = &view.aborted_unplanned_by {
+        writeln!(out, "aborted:  by {by} before it was planned; nothing ran")?;
+    }
     let Some(summary) = &view.summary else {
-        if view.error.is_none() {
+        if view.error.is_none() && view.aborted_unplanned_by.is_none() {
             writeln!(out, "(waiting for a worker to plan it)")?;
         }
         return Ok(());
@@ -493,7 +499,15 @@ async fn watch(client: &Client, view: &ReleaseView, out: &mut dyn Write) -> anyh
     writeln!(out)?;
     print_status(out, &end)?;
     out.flush()?;
-    let reason = end.summary.as_ref().and_then(|s| s.reason.clone());
+    let reason = end
+        .summary
+        .as_ref()
+        .and_then(|s| s.reason.clone())
+        .or_else(|| {
+            end.aborted_unplanned_by
+                .as_ref()
+                .map(|by| format!("aborted by {by} before it was planned; nothing ran"))
+        });
     match (end.status.as_str(), reason) {
         ("succeeded", _) => Ok(()),
         (other, Some(reason)) => Err(anyhow!("release {} ended {other}: {reason}", end.id)),
@@ -510,6 +524,10 @@ fn print_event(out: &mut dyn Write, event: &ReleaseStreamEvent) -> anyhow::Resul
         "refused" => format!(
             "refused: {}",
             body["error"].as_str().unwrap_or("cannot be planned")
+        ),
+        "aborted-unplanned" => format!(
+            "aborted by {} before it was planned: nothing ran",
+            body["by"].as_str().unwrap_or("someone")
         ),
         "tick" => String::new(),
         _ => match serde_json::from_value::<Input>(body["input"].clone()) {
@@ -596,4 +614,28 @@ fn print_progress(
         *last = line;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_abort_before_planning_is_printed_as_such() {
+        let mut out = Vec::new();
+        print_event(
+            &mut out,
+            &ReleaseStreamEvent {
+                id: 2,
+                at: keelson_store::Timestamp(0),
+                body: serde_json::json!({"kind": "aborted-unplanned", "by": "alice"}),
+            },
+        )
+        .expect("print");
+        let printed = String::from_utf8(out).expect("utf-8");
+        assert!(
+            printed.contains("aborted by alice before it was planned: nothing ran"),
+            "{printed}"
+        );
+    }
 }
