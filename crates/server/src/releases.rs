@@ -6,7 +6,9 @@
 //!  POST …/{id}/pause|resume|abort|rollback ─► keelson_release::request ─► 409 when the
 //!        machine refuses it in the release's state (its reason is the message); a release
 //!        still `planning` can only be aborted (it ends `aborted`, nothing ran)
-//!  GET  /releases/{id}/events ─► SSE of the stored events, resumable with Last-Event-ID
+//!  GET  /releases/{id}/events ─► SSE of the stored events, resumable with Last-Event-ID;
+//!        `hook-output` events carry the lifecycle hooks' lines (instance, hook, line)
+//!        and what was dropped, bounded by the engine
 //! ```
 //!
 //! The server does not drive releases itself: the worker that claims one

@@ -37,7 +37,7 @@ fn spec() -> LocalSpec {
     LocalSpec {
         app: ": > \"$KEELSON_READY_FILE\"\nexec sleep 300".into(),
         pre_start: None,
-        pre_online: None,
+        pre_online: Some(r#"echo "warming caches on $KEELSON_VERSION""#.into()),
         pre_offline: None,
         start_timeout: Duration::from_secs(10),
     }
@@ -287,6 +287,8 @@ async fn release_commands(backend: Backend) {
         "instance vm-0@blue v2 online",
         "paused before batch 2",
         "abort requested",
+        // The hooks' output, with the instance and the hook.
+        "  vm-0@blue preOnline | warming caches on v2",
         "progress: aborted batches 1/2 done",
         "instances: v1 online 1, v2 offline 1",
     ] {

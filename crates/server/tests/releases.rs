@@ -356,6 +356,31 @@ async fn release_through_the_api(backend: Backend) {
             .map(|(_, _, d)| d["body"]["status"]["status"].clone()),
         Some(json!("succeeded"))
     );
+    // The hooks' output lines, with their instance and hook, before the end.
+    let hook_lines: Vec<(usize, Value)> = events
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, kind, _))| kind == "hook-output")
+        .flat_map(|(n, (_, _, data))| {
+            data["body"]["lines"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |l| (n, l))
+        })
+        .collect();
+    let mut shown: Vec<&Value> = hook_lines.iter().map(|(_, l)| l).collect();
+    shown.sort_by_key(|l| l["instance"].as_str().unwrap_or_default().to_string());
+    assert_eq!(
+        shown,
+        [
+            &json!({"instance": "vm-0@blue", "hook": "preOnline", "line": "warming caches on vm-0@blue"}),
+            &json!({"instance": "vm-1@blue", "hook": "preOnline", "line": "warming caches on vm-1@blue"}),
+        ],
+        "{events:#?}"
+    );
+    assert!(hook_lines.iter().all(|(n, _)| *n < events.len() - 1));
     let ids: Vec<i64> = events
         .iter()
         .map(|(i, _, _)| i.parse().expect("numeric id"))

@@ -468,7 +468,8 @@ async fn follow(
             last = Some(event.id);
             if let Some(out) = out.as_deref_mut() {
                 print_event(out, &event)?;
-                dirty = true;
+                // Hook output does not move the release.
+                dirty |= event.kind() != "hook-output";
             }
         }
         let now = client.release(&view.app, &view.id).await.map_err(explain)?;
@@ -515,9 +516,56 @@ async fn watch(client: &Client, view: &ReleaseView, out: &mut dyn Write) -> anyh
     }
 }
 
-/// One line per event: what happened, and the status after it.
+/// The lines of a `hook-output` event as `watch` prints them:
+/// `  <instance> <hook> | <line>`, then what was dropped.
+pub fn hook_output_lines(body: &serde_json::Value) -> Vec<String> {
+    let text = |v: &serde_json::Value, k: &str| -> String {
+        // Hook output is the app's: no control sequences reach the terminal.
+        v[k].as_str()
+            .unwrap_or_default()
+            .chars()
+            .map(|c| if c.is_control() && c != '\t' { '?' } else { c })
+            .collect()
+    };
+    let mut lines: Vec<String> = body["lines"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| {
+            format!(
+                "  {} {} | {}",
+                text(l, "instance"),
+                text(l, "hook"),
+                text(l, "line")
+            )
+        })
+        .collect();
+    for dropped in body["dropped"].as_array().into_iter().flatten() {
+        let n = dropped["lines"].as_u64().unwrap_or(0);
+        let why = text(dropped, "why");
+        lines.push(match dropped["instance"].as_str() {
+            Some(_) => format!(
+                "  {} {} | … {n} line(s) not shown: {why}",
+                text(dropped, "instance"),
+                text(dropped, "hook")
+            ),
+            None => format!("  … {n} hook output line(s) not shown: {why}"),
+        });
+    }
+    lines
+}
+
+/// One line per event: what happened, and the status after it; hook
+/// output as its lines.
 fn print_event(out: &mut dyn Write, event: &ReleaseStreamEvent) -> anyhow::Result<()> {
     let body = &event.body;
+    if event.kind() == "hook-output" {
+        for line in hook_output_lines(body) {
+            writeln!(out, "{line}")?;
+        }
+        out.flush()?;
+        return Ok(());
+    }
     let what = match event.kind() {
         "created" => "created".to_string(),
         "planned" => "planned".to_string(),
@@ -619,6 +667,47 @@ fn print_progress(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hook_output_is_printed_per_line_with_its_instance_and_hook() {
+        let body = serde_json::json!({
+            "kind": "hook-output",
+            "lines": [
+                {"instance": "host-2@blue", "hook": "preOnline", "line": "warming caches…"},
+                {"instance": "host-1@green", "hook": "preStart", "line": "red \u{1b}[31mtext"},
+            ],
+            "dropped": [
+                {"instance": "host-2@blue", "hook": "preOnline", "lines": 51,
+                 "why": "more than 200 lines in one run"},
+                {"lines": 3, "why": "the engine fell behind"},
+            ],
+        });
+        assert_eq!(
+            hook_output_lines(&body),
+            [
+                "  host-2@blue preOnline | warming caches…",
+                "  host-1@green preStart | red ?[31mtext",
+                "  host-2@blue preOnline | … 51 line(s) not shown: more than 200 lines in one run",
+                "  … 3 hook output line(s) not shown: the engine fell behind",
+            ]
+        );
+        let mut out = Vec::new();
+        print_event(
+            &mut out,
+            &ReleaseStreamEvent {
+                id: 7,
+                at: keelson_store::Timestamp(0),
+                body,
+            },
+        )
+        .expect("print");
+        let printed = String::from_utf8(out).expect("utf-8");
+        assert!(
+            printed.starts_with("  host-2@blue preOnline | warming caches…\n"),
+            "{printed}"
+        );
+        assert_eq!(printed.lines().count(), 4, "{printed}");
+    }
 
     #[test]
     fn an_abort_before_planning_is_printed_as_such() {
