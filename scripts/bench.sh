@@ -12,3 +12,6 @@ cargo bench --quiet --locked -p keelson-hosts --bench host_bench -- "${args[@]}"
 cargo run --quiet --release --locked -p keelson-agent --example bench -- "${args[@]}"
 cargo run --quiet --release --locked -p kubesim --example load_bench -- "${args[@]}"
 cargo run --quiet --release --locked -p kubesim --example controllers_bench -- "${args[@]}"
+# release_bench runs the keelson-release-hostd binary it finds next to its own directory.
+cargo build --quiet --release --locked -p keelson-release --bins
+cargo run --quiet --release --locked -p keelson-release --example release_bench -- "${args[@]}"
