@@ -868,7 +868,8 @@ impl Driver {
     ) {
         if let Some(output) = hooks.as_mut() {
             let end = tokio::time::Instant::now() + HOOK_SETTLE_MAX;
-            loop {
+            // A hook that keeps printing cannot hold the release's end back.
+            while tokio::time::Instant::now() < end {
                 let quiet = (tokio::time::Instant::now() + HOOK_SETTLE_QUIET).min(end);
                 match tokio::time::timeout_at(quiet, output.lines.recv()).await {
                     Ok(Some(line)) => batch.push(line),

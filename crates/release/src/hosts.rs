@@ -372,6 +372,9 @@ async fn follow_hook(
             next = log.next() => next,
         };
         let Ok(Some(entry)) = next else { return };
+        if !hooks.wants(run) {
+            return; // nobody listens any more (the release ended)
+        }
         if let Some(text) = entry.line.strip_prefix(&tag) {
             hooks.publish(&instance, &step, run, text);
         } else if entry.line.starts_with('{')
@@ -382,7 +385,7 @@ async fn follow_hook(
                 Some("supervisor_exited") => true,
                 _ => false,
             };
-            if ended || !hooks.wants(run) {
+            if ended {
                 return;
             }
         }
