@@ -537,24 +537,13 @@ impl Renderer<'_> {
     }
 
     /// The app container's variables: the app's own, with keelson's JVM
-    /// flags (heap, debugger) put in front of any `JAVA_TOOL_OPTIONS` the
-    /// profile sets. Only the app's JVM gets them: a JVM that a hook starts
-    /// in the sidecar must not claim the heap or the debugger's port.
+    /// flags in `JAVA_TOOL_OPTIONS` (see `EffectiveApp::java_tool_options`).
     fn app_container_env(&self) -> Vec<Value> {
-        let jvm = self.app.jvm_options();
         let mut env = self.app_env();
-        if jvm.is_empty() {
-            return env;
+        if let Some(options) = self.app.java_tool_options() {
+            env.retain(|e| e["name"] != "JAVA_TOOL_OPTIONS" || e.get("value").is_none());
+            env.push(json!({"name": "JAVA_TOOL_OPTIONS", "value": options}));
         }
-        let mut options = jvm.join(" ");
-        if let Some(i) = env
-            .iter()
-            .position(|e| e["name"] == "JAVA_TOOL_OPTIONS" && e.get("value").is_some())
-        {
-            let own = env.remove(i);
-            options = format!("{options} {}", own["value"].as_str().unwrap_or_default());
-        }
-        env.push(json!({"name": "JAVA_TOOL_OPTIONS", "value": options}));
         env
     }
 

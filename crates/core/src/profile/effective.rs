@@ -402,6 +402,27 @@ impl EffectiveApp {
         self.run.env.clone().unwrap_or_default()
     }
 
+    /// The app process's `JAVA_TOOL_OPTIONS`: keelson's JVM flags (heap,
+    /// debugger) in front of any the profile sets; `None` when keelson adds
+    /// none. Only the app's JVM gets them: a JVM that a hook starts must not
+    /// claim the heap or the debugger's port.
+    pub fn java_tool_options(&self) -> Option<String> {
+        let jvm = self.jvm_options();
+        if jvm.is_empty() {
+            return None;
+        }
+        let mut options = jvm.join(" ");
+        if let Some(own) = self
+            .run
+            .env
+            .as_ref()
+            .and_then(|e| e.get("JAVA_TOOL_OPTIONS"))
+        {
+            options = format!("{options} {own}");
+        }
+        Some(options)
+    }
+
     /// The lifecycle document the agent reads for this app and environment.
     pub fn lifecycle_document(
         &self,
