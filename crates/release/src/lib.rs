@@ -24,6 +24,7 @@ pub mod engine;
 pub mod hosts;
 pub mod kill;
 pub mod local;
+pub mod profile;
 pub mod runtime;
 
 pub use engine::{

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use anyhow::{Context, anyhow};
 use clap::{Args, Subcommand, ValueEnum};
 use keelson_store::{NewToken, Role, Store, SubjectKind, TokenRecord};
+use tokio_util::sync::CancellationToken;
 
 use crate::client::{Client, ClientError, ListApps, ListAudit};
 
@@ -269,6 +270,13 @@ pub struct ServeArgs {
     /// Log format on standard error.
     #[arg(long, value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
+    /// keelson's authorization API as instances reach it, for apps with
+    /// databases [default: http://LISTEN].
+    #[arg(long, env = "KEELSON_AUTHORIZATION_URL")]
+    pub authorization_url: Option<String>,
+    /// Serve the API only: run no release worker (another server does).
+    #[arg(long)]
+    pub no_release_worker: bool,
 }
 
 /// How the server logs.
@@ -375,11 +383,57 @@ pub async fn serve_until_signal(args: ServeArgs) -> anyhow::Result<()> {
             backend = ?store.backend(),
             "keelson serving"
         );
-        crate::serve::serve(store.clone(), listener, crate::serve::shutdown_signal()).await?;
+        let local = listener.local_addr()?;
+        let authorization_url = args
+            .authorization_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{local}"));
+        let shutdown = CancellationToken::new();
+        let signal = shutdown.clone();
+        tokio::spawn(async move {
+            crate::serve::shutdown_signal().await;
+            signal.cancel();
+        });
+        let worker = (!args.no_release_worker).then(|| {
+            spawn_release_worker(
+                store.clone(),
+                Some(authorization_url),
+                &args.listen,
+                shutdown.clone(),
+            )
+        });
+        crate::serve::serve(store.clone(), listener, shutdown.clone().cancelled_owned()).await?;
+        shutdown.cancel();
+        if let Some(worker) = worker {
+            worker.await??;
+        }
         store.close().await;
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Starts the release worker of a server: it claims releases (through
+/// leases, so several servers can share a database) and drives them on the
+/// host groups their apps' profiles name, until `shutdown`. Its owner name is
+/// stable for a server on one machine and address, so a restarted server
+/// takes its releases back at once.
+pub fn spawn_release_worker(
+    store: keelson_store::Store,
+    authorization_url: Option<String>,
+    listen: &str,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), keelson_release::Error>> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    let config = keelson_release::WorkerConfig {
+        owner: format!("server@{host}/{listen}"),
+        ..keelson_release::WorkerConfig::default()
+    };
+    let runtimes = keelson_release::profile::ProfileRuntimes::new(store.clone(), authorization_url);
+    let worker = keelson_release::Worker::new(store, std::sync::Arc::new(runtimes), config);
+    tokio::spawn(async move { worker.run(shutdown).await })
 }
 
 fn init_logging(format: LogFormat) {
@@ -1032,7 +1086,8 @@ pub async fn execute(command: ClientCommand, out: &mut dyn Write) -> anyhow::Res
     Ok(())
 }
 
-fn write_config(path: &std::path::Path, server: &str, token: &str) -> anyhow::Result<()> {
+/// Writes the CLI config file (server and token), readable only by its owner.
+pub fn write_config(path: &std::path::Path, server: &str, token: &str) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
