@@ -11,6 +11,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use keelson_core::profile;
 use keelson_kube::{RenderRequest, Track, yaml_out};
 
+pub mod up;
+
 /// keelson: one app profile per app drives how it is rendered, released,
 /// granted database access, put into traffic, watched and scaled.
 #[derive(Debug, Parser)]
@@ -75,6 +77,9 @@ pub enum Command {
     /// Commands that talk to a keelson server.
     #[command(flatten)]
     Client(keelson_server::cli::ClientCommand),
+    /// Run keelson on this machine: the server on SQLite, three local host
+    /// daemons, the CLI config; with --demo, build and release a demo app.
+    Up(up::UpArgs),
     /// Run the keelson server (HTTP API) on SQLite or PostgreSQL.
     Serve(keelson_server::cli::ServeArgs),
     /// Create, list and revoke API tokens (bootstrap the first with --database).
@@ -150,6 +155,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Client(c) => keelson_server::cli::run_client(c).map(|()| ExitCode::SUCCESS),
+        Command::Up(a) => up::run(a).map(|()| ExitCode::SUCCESS),
         Command::Serve(a) => keelson_server::cli::run_serve(a).map(|()| ExitCode::SUCCESS),
         Command::Token(t) => keelson_server::cli::run_token(t).map(|()| ExitCode::SUCCESS),
         Command::Host(h) => keelson_hosts::cli::run(h).map(|()| ExitCode::SUCCESS),
