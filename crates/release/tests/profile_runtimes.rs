@@ -103,23 +103,27 @@ async fn each_missing_piece_is_named_and_a_complete_one_gets_a_cached_runtime() 
         "{no_hosts}"
     );
 
+    let add = |name: &str, group: &str| {
+        let host = HostRecord {
+            name: name.into(),
+            group: group.into(),
+            address: "http://127.0.0.1:9".into(),
+            token_file: token_file.clone(),
+            health: None,
+        };
+        let store = store.clone();
+        async move {
+            keelson_hosts::registry::add_host(&store, &host)
+                .await
+                .unwrap()
+        }
+    };
     for (name, group) in [
         ("vm-1", "shop-vms"),
         ("vm-2", "shop-vms"),
         ("other", "misc"),
     ] {
-        keelson_hosts::registry::add_host(
-            &store,
-            &HostRecord {
-                name: name.into(),
-                group: group.into(),
-                address: "http://127.0.0.1:9".into(),
-                token_file: token_file.clone(),
-                health: None,
-            },
-        )
-        .await
-        .unwrap();
+        add(name, group).await;
     }
     let first = runtimes.runtime("shop", "prod").await.unwrap();
     let again = runtimes.runtime("shop", "prod").await.unwrap();
@@ -130,18 +134,7 @@ async fn each_missing_piece_is_named_and_a_complete_one_gets_a_cached_runtime() 
     );
 
     // A new host in the group makes a new runtime.
-    keelson_hosts::registry::add_host(
-        &store,
-        &HostRecord {
-            name: "vm-3".into(),
-            group: "shop-vms".into(),
-            address: "http://127.0.0.1:9".into(),
-            token_file: token_file.clone(),
-            health: None,
-        },
-    )
-    .await
-    .unwrap();
+    add("vm-3", "shop-vms").await;
     let third = runtimes.runtime("shop", "prod").await.unwrap();
     assert!(!std::sync::Arc::ptr_eq(&first, &third));
 }
