@@ -50,7 +50,10 @@
 //!
 //! `cargo run --release -p keelson-release --example release_bench -- [--smoke]`
 //! (full: 100 instances in 10 batches; smoke: 10 in 5; `--instances N`,
-//! `--batches N`, `--pause-ms N` for other sizes). It needs the
+//! `--batches N`, `--pause-ms N` for other sizes; `--keep` keeps the temp
+//! dir with the database and every daemon's and instance's log;
+//! `--what-if-concurrent-holds` measures a proposed runtime change, see
+//! [`ConcurrentHolds`]). It needs the
 //! `keelson-release-hostd` binary of the same profile, next to the
 //! example's directory (`cargo build --release -p keelson-release --bins`),
 //! or named by `KEELSON_RELEASE_HOSTD`. Every daemon, supervisor and app
@@ -72,15 +75,18 @@ use keelson_core::lifecycle::{
 };
 use keelson_core::profile::{Batches, Duration as ProfileDuration, Pause, Strategy};
 use keelson_core::release::{
-    Action, Command, Event, FailedInstancePolicy, Fleet, Input, InstanceChange, InstanceState,
-    Phase, ReleaseSettings, Status, Version,
+    Action, Command, Event, FailedInstancePolicy, Fleet, HostInstance, Input, InstanceChange,
+    InstanceEvent, InstanceState, Instances, Phase, ReleaseSettings, Status, Version,
 };
 use keelson_hosts::registry::add_host;
 use keelson_hosts::{HostClient, HostRecord};
 use keelson_release::hosts::{HostsRuntime, HostsRuntimes, templated};
-use keelson_release::{NewReleaseRequest, Runtime, Worker, WorkerConfig, submit_release};
+use keelson_release::{
+    NewReleaseRequest, Runtime, RuntimeError, Runtimes, Worker, WorkerConfig, submit_release,
+};
 use keelson_store::{JournalStatus, Store};
 use serde_json::json;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 const APP: &str = "shop";
@@ -94,6 +100,7 @@ const GOAL_P99_MS: i64 = 100;
 struct Args {
     smoke: bool,
     keep: bool,
+    concurrent_holds: bool,
     instances: u32,
     batches: u32,
     pause_ms: u64,
@@ -105,6 +112,7 @@ fn args() -> anyhow::Result<Args> {
     let mut args = Args {
         smoke,
         keep: false,
+        concurrent_holds: false,
         instances: if smoke { 10 } else { 100 },
         batches: if smoke { 5 } else { 10 },
         pause_ms: 200,
@@ -120,11 +128,12 @@ fn args() -> anyhow::Result<Args> {
         match a.as_str() {
             "--smoke" => {}
             "--keep" => args.keep = true,
+            "--what-if-concurrent-holds" => args.concurrent_holds = true,
             "--instances" => args.instances = u32::try_from(value(a)?)?,
             "--batches" => args.batches = u32::try_from(value(a)?)?,
             "--pause-ms" => args.pause_ms = value(a)?,
             other => bail!(
-                "unknown argument {other:?}; use --smoke, --keep, --instances N, --batches N, --pause-ms N"
+                "unknown argument {other:?}; use --smoke, --keep, --what-if-concurrent-holds, --instances N, --batches N, --pause-ms N"
             ),
         }
     }
@@ -377,6 +386,64 @@ async fn wait_all_online(
     }
 }
 
+/// `--what-if-concurrent-holds`: the hosts runtime, except that a
+/// TakeOffline of listed instances sends its holds to all their hosts at
+/// once instead of one host after the other. Measures a proposed change to
+/// `HostsRuntime::apply`; everything else is the hosts runtime's own.
+/// (It passes no hook output on, so the engine has none to wait for.)
+struct ConcurrentHolds {
+    hosts: Arc<HostsRuntime>,
+    clients: BTreeMap<String, HostClient>,
+}
+
+impl Runtime for ConcurrentHolds {
+    async fn fleet(&self) -> Result<Fleet, RuntimeError> {
+        self.hosts.fleet().await
+    }
+
+    async fn apply(&self, action: &Action) -> Result<(), RuntimeError> {
+        let Command::TakeOffline {
+            instances: Instances::Listed(ids),
+        } = &action.command
+        else {
+            return self.hosts.apply(action).await;
+        };
+        let mut holds = tokio::task::JoinSet::new();
+        for id in ids {
+            let (host, track) = HostInstance::slot_and_track(id);
+            let client = self.clients.get(host).cloned().ok_or_else(|| {
+                RuntimeError(format!("host {host:?} is not one of this app's hosts"))
+            })?;
+            let name = self.hosts.instance_name(track);
+            holds.spawn(async move {
+                match client.hold(&name).await {
+                    Ok(_) | Err(keelson_hosts::Error::Api { status: 404, .. }) => Ok(()),
+                    Err(e) => Err(RuntimeError(e.to_string())),
+                }
+            });
+        }
+        while let Some(hold) = holds.join_next().await {
+            hold.map_err(|e| RuntimeError(e.to_string()))??;
+        }
+        Ok(())
+    }
+
+    async fn events(&self) -> Result<mpsc::Receiver<InstanceEvent>, RuntimeError> {
+        self.hosts.events().await
+    }
+}
+
+/// The one runtime of the benchmark's app.
+struct OneRuntime<R>(Arc<R>);
+
+impl<R: Runtime> Runtimes for OneRuntime<R> {
+    type Runtime = R;
+
+    async fn runtime(&self, _app: &str, _env: &str) -> Result<Arc<R>, RuntimeError> {
+        Ok(self.0.clone())
+    }
+}
+
 /// One supervisor's run (one generation) of the app on one host, from the
 /// instance's log.
 #[derive(Debug, Default, Clone)]
@@ -516,16 +583,32 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<serde_json::Value> {
     .await?;
     let set_up_ms = set_up.elapsed().as_millis();
 
-    let runtimes = HostsRuntimes::default();
-    runtimes.insert(APP, ENV, runtime.clone());
     let config = WorkerConfig {
         owner: "bench-worker".into(),
         ..WorkerConfig::default()
     };
     let poll = config.poll;
-    let worker = Worker::new(store.clone(), Arc::new(runtimes), config);
     let cancel = CancellationToken::new();
-    let worker_task = {
+    let worker_task = if args.concurrent_holds {
+        let clients = records
+            .iter()
+            .map(|r| Ok((r.name.clone(), HostClient::for_host(r)?)))
+            .collect::<anyhow::Result<_>>()?;
+        let runtime = ConcurrentHolds {
+            hosts: runtime.clone(),
+            clients,
+        };
+        let worker = Worker::new(
+            store.clone(),
+            Arc::new(OneRuntime(Arc::new(runtime))),
+            config,
+        );
+        let cancel = cancel.clone();
+        tokio::spawn(async move { worker.run(cancel).await })
+    } else {
+        let runtimes = HostsRuntimes::default();
+        runtimes.insert(APP, ENV, runtime.clone());
+        let worker = Worker::new(store.clone(), Arc::new(runtimes), config);
         let cancel = cancel.clone();
         tokio::spawn(async move { worker.run(cancel).await })
     };
@@ -760,6 +843,7 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<serde_json::Value> {
     Ok(json!({
         "bench": "release_hosts",
         "smoke": args.smoke,
+        "what_if": args.concurrent_holds.then_some("concurrent-holds"),
         "instances": args.instances,
         "batches": args.batches,
         "pause_ms": args.pause_ms,
