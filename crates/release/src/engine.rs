@@ -25,10 +25,10 @@ use keelson_core::release::{
     Timestamp, Version, step, summarize,
 };
 use keelson_store::{
-    CommitOutcome, JournalStatus, NewRelease, ReleaseCommit, ReleaseRecord, Store,
+    CommitOutcome, JournalStatus, NewRelease, ReleaseChange, ReleaseCommit, ReleaseRecord, Store,
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
@@ -530,6 +530,7 @@ impl<P: Runtimes> Worker<P> {
     }
 
     async fn run_loop(&self, cancel: CancellationToken, until_idle: bool) -> Result<()> {
+        let mut changes = self.store.release_changes();
         let mut running: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
         let mut tasks: JoinSet<(String, Result<()>)> = JoinSet::new();
         loop {
@@ -588,11 +589,41 @@ impl<P: Runtimes> Worker<P> {
                         }
                     }
                 }
+                // A new release is claimed at once; the poll covers
+                // expired leases and missed notifications.
+                () = created(&mut changes) => {}
                 _ = tokio::time::sleep(self.config.poll) => {}
             }
         }
         while tasks.join_next().await.is_some() {}
         Ok(())
+    }
+}
+
+/// Returns when a release is created (or notifications were missed).
+async fn created(changes: &mut broadcast::Receiver<ReleaseChange>) {
+    loop {
+        match changes.recv().await {
+            Ok(change) if change.version == Some(1) => return,
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Lagged(_)) => return,
+            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+        }
+    }
+}
+
+/// Returns when release `id` changes past `version` (or notifications
+/// were missed): someone else wrote it.
+async fn changed_past(changes: &mut broadcast::Receiver<ReleaseChange>, id: &str, version: i64) {
+    loop {
+        match changes.recv().await {
+            Ok(change) if change.id == id && change.version.is_some_and(|v| v > version) => {
+                return;
+            }
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Lagged(_)) => return,
+            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+        }
     }
 }
 
@@ -933,6 +964,8 @@ impl Driver {
         let mut ticked_for: Option<Timestamp> = None;
         let mut renew_at = tokio::time::Instant::now() + self.lease / 3;
         let mut poll_at = tokio::time::Instant::now() + self.poll;
+        // A user's request (pause, abort, …) is read at once.
+        let mut changes = self.store.release_changes();
         info!(
             status = release.status.label(),
             pending = release.pending.len(),
@@ -1004,6 +1037,7 @@ impl Driver {
                     }
                     _ = tokio::time::sleep_until(renew_at) => Next::Renew,
                     _ = tokio::time::sleep_until(poll_at) => Next::Reload,
+                    () = changed_past(&mut changes, &id, version) => Next::Reload,
                 }
             };
             match next {

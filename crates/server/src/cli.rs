@@ -429,6 +429,9 @@ pub fn spawn_release_worker(
         .unwrap_or_else(|_| "localhost".into());
     let config = keelson_release::WorkerConfig {
         owner: format!("server@{host}/{listen}"),
+        // The store pushes new releases and users' requests; polling only
+        // covers expired leases and missed notifications.
+        poll: std::time::Duration::from_secs(1),
         ..keelson_release::WorkerConfig::default()
     };
     let runtimes = keelson_release::profile::ProfileRuntimes::new(store.clone(), authorization_url);

@@ -393,8 +393,26 @@ pub(crate) async fn rollback_release(
     steer(state, caller, p, |_| Event::Rollback, body).await
 }
 
-/// How often the event stream looks for new events (SQLite cannot notify).
-const EVENT_POLL: Duration = Duration::from_millis(200);
+/// How often the event stream looks for events it was not told of (the
+/// store pushes changes; a notification can be missed).
+const EVENT_POLL: Duration = Duration::from_secs(1);
+
+/// Returns at the next change of release `id` (or when notifications were
+/// missed).
+async fn next_change_of(
+    changes: &mut tokio::sync::broadcast::Receiver<keelson_store::ReleaseChange>,
+    id: &str,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match changes.recv().await {
+            Ok(change) if change.id == id => return,
+            Ok(_) => {}
+            Err(RecvError::Lagged(_)) => return,
+            Err(RecvError::Closed) => std::future::pending().await,
+        }
+    }
+}
 /// Events per read.
 const EVENT_PAGE: u32 = 200;
 
@@ -421,6 +439,7 @@ pub(crate) async fn release_events(
             })?,
     };
     struct Cursor {
+        changes: tokio::sync::broadcast::Receiver<keelson_store::ReleaseChange>,
         store: keelson_store::Store,
         id: String,
         after: i64,
@@ -428,6 +447,7 @@ pub(crate) async fn release_events(
         done: bool,
     }
     let cursor = Cursor {
+        changes: state.store.release_changes(),
         store: state.store.clone(),
         id,
         after,
@@ -474,7 +494,12 @@ pub(crate) async fn release_events(
                 }
             }
             if c.buffered.is_empty() && !c.done {
-                tokio::time::sleep(EVENT_POLL).await;
+                // Woken by the release's next change; the poll covers
+                // missed notifications.
+                tokio::select! {
+                    () = tokio::time::sleep(EVENT_POLL) => {}
+                    () = next_change_of(&mut c.changes, &c.id) => {}
+                }
             }
         }
     });

@@ -15,6 +15,7 @@
 mod apps;
 mod audit;
 mod catalog;
+mod changes;
 mod error;
 mod releases;
 mod rows;
@@ -40,6 +41,7 @@ pub use apps::{
 };
 pub use audit::{AuditEvent, AuditFilter, AuditPage};
 pub use catalog::{Environment, NewEnvironment, NewTarget, Target, TargetKind};
+pub use changes::ReleaseChange;
 pub use error::{Error, Result};
 pub use releases::{
     CommitOutcome, JournalEntry, JournalStatus, NewRelease, ReleaseCommit, ReleaseEvent,
@@ -122,6 +124,7 @@ pub struct Store {
     /// steps), keeps write latency flat; other processes on the same file
     /// are still held off by the busy timeout.
     sqlite_writer: Arc<tokio::sync::Mutex<()>>,
+    changes: changes::Changes,
 }
 
 impl Store {
@@ -138,6 +141,7 @@ impl Store {
             Ok(Store {
                 pool: Pool::Postgres(pool),
                 sqlite_writer: Arc::default(),
+                changes: changes::Changes::default(),
             })
         } else if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)
@@ -158,6 +162,7 @@ impl Store {
             Ok(Store {
                 pool: Pool::Sqlite(pool),
                 sqlite_writer: Arc::default(),
+                changes: changes::Changes::default(),
             })
         } else {
             Err(Error::InvalidUrl(format!(
@@ -181,6 +186,20 @@ impl Store {
             Pool::Postgres(pool) => migrator(POSTGRES_MIGRATIONS).run(pool).await?,
         }
         Ok(())
+    }
+
+    /// Subscribes to release changes: created, stepped, events appended.
+    /// On SQLite these are the changes this process makes (SQLite serves
+    /// one server); on PostgreSQL those of every server on the database,
+    /// through LISTEN/NOTIFY. Changes may be missed (a lagging receiver, a
+    /// reconnecting listener): use them to act early, not instead of
+    /// reading the store. Call it inside a Tokio runtime.
+    pub fn release_changes(&self) -> tokio::sync::broadcast::Receiver<ReleaseChange> {
+        let receiver = self.changes.subscribe();
+        if let Pool::Postgres(pool) = &self.pool {
+            self.changes.listen_postgres(pool);
+        }
+        receiver
     }
 
     /// Which backend this store uses.

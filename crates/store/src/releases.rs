@@ -19,8 +19,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{NewAuditEvent, insert_audit};
+use crate::changes::ReleaseChange;
 use crate::rows::{Columns, json};
-use crate::{Error, Result, Store, Timestamp, on_pool};
+use crate::{Dialect, Error, Result, Store, Timestamp, on_pool};
 
 /// A release about to be created.
 #[derive(Debug, Clone)]
@@ -200,7 +201,40 @@ fn journal_from_row(row: &impl Columns) -> Result<JournalEntry> {
     })
 }
 
+/// On PostgreSQL, notifies every server's listener of a release change when
+/// the transaction commits (and not if it rolls back).
+async fn notify<'c, DB>(
+    tx: &mut sqlx::Transaction<'c, DB>,
+    dialect: Dialect,
+    id: &str,
+    version: Option<i64>,
+) -> Result<()>
+where
+    DB: sqlx::Database,
+    for<'q> <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'e> &'e mut <DB as sqlx::Database>::Connection: sqlx::Executor<'e, Database = DB>,
+    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    String: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    if dialect == Dialect::Postgres {
+        sqlx::query::<DB>("SELECT pg_notify($1, $2)")
+            .bind(crate::changes::CHANNEL)
+            .bind(ReleaseChange::payload(id, version))
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
 impl Store {
+    /// Tells this process's subscribers of a committed release change (on
+    /// SQLite; PostgreSQL's notification reaches them through the listener).
+    fn changed(&self, id: &str, version: Option<i64>) {
+        if self.backend() == crate::Backend::Sqlite {
+            self.changes.send(id, version);
+        }
+    }
+
     /// Creates a release (unclaimed, version 1); audited as `release.create`.
     pub async fn create_release(&self, release: &NewRelease<'_>) -> Result<ReleaseRecord> {
         match self.insert_release(release).await {
@@ -258,7 +292,9 @@ impl Store {
                 .fetch_one(&mut *tx)
                 .await?;
             let record = release_from_row(&row)?;
+            notify(&mut tx, dialect, release.id, Some(record.version)).await?;
             tx.commit().await?;
+            self.changed(release.id, Some(record.version));
             Ok(record)
         })
     }
@@ -470,7 +506,9 @@ impl Store {
                     }
                 );
             }
+            notify(&mut tx, dialect, commit.id, Some(new_version)).await?;
             tx.commit().await?;
+            self.changed(commit.id, Some(new_version));
             Ok(CommitOutcome::Written(new_version))
         })
     }
@@ -502,7 +540,9 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             }
+            notify(&mut tx, dialect, id, None).await?;
             tx.commit().await?;
+            self.changed(id, None);
             Ok(())
         })
     }

@@ -313,3 +313,103 @@ async fn sqlite_appended_events_join_the_stream_without_changing_the_release() {
 async fn postgres_appended_events_join_the_stream_without_changing_the_release() {
     appended_events_join_the_stream_without_changing_the_release(Backend::Postgres).await;
 }
+
+/// The next change to release `id` (others are skipped).
+async fn change_of(
+    rx: &mut tokio::sync::broadcast::Receiver<keelson_store::ReleaseChange>,
+    id: &str,
+) -> keelson_store::ReleaseChange {
+    loop {
+        let change = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+            .await
+            .expect("a change within 10 s")
+            .expect("a change");
+        if change.id == id {
+            return change;
+        }
+    }
+}
+
+/// Every change reaches a subscriber (on PostgreSQL through NOTIFY, also
+/// in a second store on the same database, as a second server would be),
+/// and a stale commit sends nothing.
+async fn changes_are_pushed_to_subscribers(backend: Backend) {
+    let Some((store, db)) = open(backend).await else {
+        return;
+    };
+    let mut here = store.release_changes();
+    let other = match backend {
+        Backend::Postgres => Some(Store::open(&db.url).await.expect("a second store")),
+        Backend::Sqlite => None,
+    };
+    let mut there = other.as_ref().map(Store::release_changes);
+    if let Some(there) = &mut there {
+        // The listeners start in the background: go on once both hear.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let (mut heard_here, mut heard_there) = (false, false);
+        for n in 0.. {
+            create(&store, &format!("warm-{n}"), &format!("env-{n}")).await;
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            heard_here |= here.try_recv().is_ok();
+            heard_there |= there.try_recv().is_ok();
+            if heard_here && heard_there {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no listener heard a change"
+            );
+        }
+    }
+
+    create(&store, "r1", "prod").await;
+    let state = json!({"status": "running"});
+    assert_eq!(
+        store
+            .commit_release(&commit("r1", 1, None, &state))
+            .await
+            .expect("commit"),
+        CommitOutcome::Written(2)
+    );
+    assert_eq!(
+        store
+            .commit_release(&commit("r1", 1, None, &state))
+            .await
+            .expect("commit"),
+        CommitOutcome::Stale
+    );
+    store
+        .append_release_events("r1", &[json!({"kind": "hook-output"})])
+        .await
+        .expect("append");
+    for rx in std::iter::once(&mut here).chain(there.as_mut()) {
+        for version in [Some(1), Some(2), None] {
+            assert_eq!(
+                change_of(rx, "r1").await,
+                keelson_store::ReleaseChange {
+                    id: "r1".into(),
+                    version
+                }
+            );
+        }
+    }
+    // The stale commit sent nothing.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    while let Ok(change) = here.try_recv() {
+        assert_ne!(change.id, "r1", "{change:?}");
+    }
+    if let Some(other) = other {
+        other.close().await;
+    }
+    store.close().await;
+}
+
+#[tokio::test]
+async fn sqlite_changes_are_pushed_to_subscribers() {
+    changes_are_pushed_to_subscribers(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn postgres_changes_are_pushed_to_subscribers() {
+    changes_are_pushed_to_subscribers(Backend::Postgres).await;
+}
