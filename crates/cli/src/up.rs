@@ -486,7 +486,7 @@ async fn demo(store: &Store, dir: &Path, port: u16, connection: Connection) -> a
                 output: Default::default(),
                 connection: connection.clone(),
             })),
-            start: start_args(None, connection),
+            start: start_args(None, None, connection),
         }));
         return keelson_server::cli::execute(watch, &mut std::io::stdout()).await;
     }
@@ -510,19 +510,18 @@ async fn demo(store: &Store, dir: &Path, port: u16, connection: Connection) -> a
             version
         }
         None => {
-            let first = Version(DEMO_VERSIONS[0].into());
+            // The first deployment is a release too, in one batch.
+            let first = DEMO_VERSIONS[0];
             println!(
-                "demo: starting {} on {LOCAL_HOSTS} hosts (hooks append to {})",
-                first.0,
+                "demo: first deployment of {first} on the {LOCAL_HOSTS} hosts (hooks also append to {})",
                 hook_log.display()
             );
-            let mut events = runtime.events().await.map_err(|e| anyhow!("{e}"))?;
-            runtime
-                .deploy_all(&first)
-                .await
-                .map_err(|e| anyhow!("{e}"))?;
-            wait_online(&mut events, &first, usize::from(LOCAL_HOSTS)).await?;
-            first.0
+            let release = ClientCommand::Release(Box::new(ReleaseArgs {
+                command: None,
+                start: start_args(Some(first), Some(1), connection.clone()),
+            }));
+            keelson_server::cli::execute(release, &mut std::io::stdout()).await?;
+            first.to_string()
         }
     };
     drop(runtime);
@@ -540,22 +539,26 @@ async fn demo(store: &Store, dir: &Path, port: u16, connection: Connection) -> a
     );
     let release = ClientCommand::Release(Box::new(ReleaseArgs {
         command: None,
-        start: start_args(Some(next), connection),
+        start: start_args(Some(next), None, connection),
     }));
     keelson_server::cli::execute(release, &mut std::io::stdout()).await?;
     println!("demo: {next} runs at http://127.0.0.2:{port}/ (and .3, .4)");
     Ok(())
 }
 
-/// `keelson release demo --env local --version VERSION --watch` (the
-/// profile's strategy, batches and pause).
-fn start_args(version: Option<&str>, connection: Connection) -> ReleaseStartArgs {
+/// `keelson release demo --env local --version VERSION [--batches N]
+/// --watch` (otherwise the profile's strategy, batches and pause).
+fn start_args(
+    version: Option<&str>,
+    batches: Option<u32>,
+    connection: Connection,
+) -> ReleaseStartArgs {
     ReleaseStartArgs {
         name: Some("demo".into()),
         env: Some("local".into()),
         version: version.map(str::to_string),
         strategy: None,
-        batches: None,
+        batches,
         batch_size: None,
         pause: None,
         replicas: None,

@@ -185,6 +185,7 @@ fn up_demo_releases_a_java_app_on_three_local_hosts_and_stops_it_through_its_lif
 
     let mut up = Up::start(&data, &config, port);
     up.wait_for("keelson is up", Duration::from_secs(30));
+    up.wait_for("first deployment of 1.0.0", Duration::from_secs(60));
     up.wait_for("releasing 2.0.0 in 3 batches", Duration::from_secs(120));
     // Hook output arrives live in the progress.
     up.wait_for("preOnline: warming up demo 2.0.0", Duration::from_secs(120));

@@ -220,10 +220,15 @@ pub struct NewReleaseRequest {
 fn current(fleet: &Fleet) -> Option<(Version, u32)> {
     match fleet {
         Fleet::Hosts { instances } => {
-            let live: Vec<_> = instances
+            let mut live: Vec<_> = instances
                 .iter()
                 .filter(|i| i.state != InstanceState::Stopped)
                 .collect();
+            if live.is_empty() {
+                // Nothing runs: the release starts every slot (an app's
+                // first deployment, or one whose instances were all stopped).
+                live = instances.iter().collect();
+            }
             let mut counts: BTreeMap<&Version, u32> = BTreeMap::new();
             for i in &live {
                 *counts.entry(&i.version).or_default() += 1;

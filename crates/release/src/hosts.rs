@@ -430,7 +430,7 @@ async fn broadcast(subscribers: &Mutex<Vec<mpsc::Sender<InstanceEvent>>>, event:
 
 impl Runtime for HostsRuntime {
     async fn fleet(&self) -> Result<Fleet, RuntimeError> {
-        let instances = self
+        let mut instances: Vec<HostInstance> = self
             .views()
             .await?
             .into_iter()
@@ -444,6 +444,24 @@ impl Runtime for HostsRuntime {
                 generation: view.generation,
             })
             .collect();
+        if instances.is_empty() {
+            // The app's first deployment: every host is a slot whose blue
+            // instance does not exist yet (no version), so a release starts
+            // it there.
+            instances = self
+                .hosts
+                .keys()
+                .map(|host| HostInstance {
+                    id: HostInstance::id_of(host, Track::Blue),
+                    slot: host.clone(),
+                    track: Track::Blue,
+                    version: Version(String::new()),
+                    state: InstanceState::Stopped,
+                    held: false,
+                    generation: None,
+                })
+                .collect();
+        }
         Ok(Fleet::Hosts { instances })
     }
 

@@ -200,6 +200,17 @@ struct Fixture {
 
 impl Fixture {
     async fn start() -> Fixture {
+        let f = Fixture::start_empty().await;
+        f.runtime
+            .deploy_all(&Version::from("v1"))
+            .await
+            .expect("deploy v1");
+        wait_all_online(&f.runtime, "v1", 2).await;
+        f
+    }
+
+    /// Two daemons registered, the app on neither.
+    async fn start_empty() -> Fixture {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -229,11 +240,6 @@ impl Fixture {
             )
             .expect("runtime"),
         );
-        runtime
-            .deploy_all(&Version::from("v1"))
-            .await
-            .expect("deploy v1");
-        wait_all_online(&runtime, "v1", 2).await;
         Fixture {
             url: db.url.clone(),
             store,
@@ -251,6 +257,10 @@ impl Fixture {
     }
 
     async fn create(&self) -> String {
+        self.create_of("v2").await
+    }
+
+    async fn create_of(&self, version: &str) -> String {
         create_release(
             &self.store,
             self.runtime.as_ref(),
@@ -258,7 +268,7 @@ impl Fixture {
                 id: Some("r1".into()),
                 app: "shop".into(),
                 env: "prod".into(),
-                version: Version::from("v2"),
+                version: Version::from(version),
                 desired: None,
                 settings: ReleaseSettings {
                     strategy: Strategy::InPlace,
@@ -333,25 +343,69 @@ impl Fixture {
     }
 }
 
+impl Fixture {
+    /// Drives every release to its end with a worker in this process.
+    async fn run_worker(&self) {
+        let runtimes = HostsRuntimes::default();
+        runtimes.insert("shop", "prod", self.runtime.clone());
+        let worker = Worker::new(
+            self.store.clone(),
+            Arc::new(runtimes),
+            WorkerConfig {
+                owner: "w1".into(),
+                lease: Duration::from_secs(10),
+                poll: Duration::from_millis(50),
+            },
+        );
+        tokio::time::timeout(Duration::from_secs(120), worker.run_until_idle())
+            .await
+            .expect("the release ends in time")
+            .expect("worker");
+    }
+}
+
+/// An app that runs nowhere yet is deployed by a release like any other:
+/// every host of its group starts it, through its hooks, and there is no
+/// earlier version to roll back to.
+#[tokio::test]
+async fn a_first_release_starts_the_app_on_every_host() {
+    let f = Fixture::start_empty().await;
+    let id = f.create_of("v1").await;
+    f.run_worker().await;
+    assert_eq!(f.status(&id).await, Some(Status::Succeeded));
+    wait_all_online(&f.runtime, "v1", 2).await;
+    let effects = f.effects("first deploy");
+    for host in ["vm-0", "vm-1"] {
+        let of_host: Vec<&str> = effects
+            .iter()
+            .filter(|l| l.starts_with(&format!("{host}@blue,")))
+            .map(|l| l.split(',').nth(1).unwrap_or_default())
+            .collect();
+        assert_eq!(of_host.len(), 3, "{effects:#?}");
+        for step in ["preStart", "start", "preOnline"] {
+            assert!(of_host.contains(&step), "{host}: {effects:#?}");
+        }
+    }
+    let refused = keelson_release::request(
+        &f.store,
+        &id,
+        keelson_core::release::Event::Rollback,
+        "alice",
+    )
+    .await
+    .expect_err("a first deployment has nothing to roll back to");
+    assert!(
+        refused.to_string().contains("first deployment"),
+        "{refused}"
+    );
+    f.runtime.remove_all().await;
+}
+
 #[tokio::test]
 async fn in_place_release_on_host_daemons() {
     let f = Fixture::start().await;
     let id = f.create().await;
-    let runtimes = HostsRuntimes::default();
-    runtimes.insert("shop", "prod", f.runtime.clone());
-    let worker = Worker::new(
-        f.store.clone(),
-        Arc::new(runtimes),
-        WorkerConfig {
-            owner: "w1".into(),
-            lease: Duration::from_secs(10),
-            poll: Duration::from_millis(50),
-        },
-    );
-    tokio::time::timeout(Duration::from_secs(120), worker.run_until_idle())
-        .await
-        .expect("the release ends in time")
-        .expect("worker");
+    f.run_worker().await;
     assert_eq!(f.status(&id).await, Some(Status::Succeeded));
     wait_all_online(&f.runtime, "v2", 2).await;
 

@@ -372,6 +372,12 @@ fn apply_input(r: &mut Release, input: &Input) -> Result<Vec<Action>, String> {
             if r.phase != Phase::Forward {
                 return reject("the release is rolling back already".to_string());
             }
+            if r.from.0.is_empty() {
+                return reject(
+                    "this release is the app's first deployment: there is no earlier version to roll back to; abort it to take its new instances out of traffic"
+                        .to_string(),
+                );
+            }
             match r.status {
                 Status::Pending => {
                     return reject("a pending release has nothing to roll back".to_string());
