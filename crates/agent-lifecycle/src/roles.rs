@@ -288,7 +288,8 @@ pub fn offline(
                 timeout.as_secs()
             ));
         }
-        std::thread::sleep(Duration::from_millis(50));
+        // Short: the app is signalled only once this returns.
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

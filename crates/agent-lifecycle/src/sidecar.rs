@@ -38,7 +38,7 @@ use crate::probes::http_status;
 use crate::process::AppProcess;
 
 /// How often the control loop and the watcher look at the world.
-const TICK: Duration = Duration::from_millis(50);
+const TICK: Duration = Duration::from_millis(20);
 
 /// How often the control loop looks for an app during the first
 /// [`STARTING_WINDOW`] of waiting for it: an app's start should be seen at once.

@@ -665,7 +665,7 @@ const HOOK_FLUSH_EVERY: Duration = Duration::from_millis(250);
 /// Before a release's final state is written, how long its hook output may
 /// stay quiet (and at most take) to come in first, so that a watcher,
 /// whose stream ends with the release, sees it.
-const HOOK_SETTLE_QUIET: Duration = Duration::from_millis(100);
+const HOOK_SETTLE_QUIET: Duration = Duration::from_millis(25);
 const HOOK_SETTLE_MAX: Duration = Duration::from_secs(1);
 
 /// A release's hook output on its way into the event stream: bounded per

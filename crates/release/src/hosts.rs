@@ -285,6 +285,28 @@ impl HostsRuntime {
         }
     }
 
+    /// Runs `call` on every target's host at once; the first error wins.
+    async fn on_each<F, Fut>(
+        &self,
+        targets: Vec<(String, Track)>,
+        call: F,
+    ) -> Result<(), RuntimeError>
+    where
+        F: Fn(HostClient, String) -> Fut,
+        Fut: std::future::Future<Output = keelson_hosts::Result<()>>,
+    {
+        let calls = targets
+            .into_iter()
+            .map(|(host, track)| {
+                let client = self.client(&host).cloned();
+                let name = self.instance_name(track);
+                let call = &call;
+                async move { call(client?, name).await.map_err(err) }
+            })
+            .collect::<Vec<_>>();
+        futures_util::future::try_join_all(calls).await.map(drop)
+    }
+
     fn targets(&self, instances: &Instances) -> Vec<(String, Track)> {
         match instances {
             Instances::Listed(ids) => ids
@@ -328,9 +350,16 @@ impl HostsRuntime {
     }
 
     async fn views(&self) -> Result<Vec<(String, Track, InstanceView)>, RuntimeError> {
+        // Every host at once.
+        let listed = futures_util::future::try_join_all(self.hosts.iter().map(
+            |(host, client)| async move {
+                Ok::<_, RuntimeError>((host, client.instances().await.map_err(err)?))
+            },
+        ))
+        .await?;
         let mut all = Vec::new();
-        for (host, client) in &self.hosts {
-            for view in client.instances().await.map_err(err)? {
+        for (host, views) in listed {
+            for view in views {
                 if let Some(track) = self.track_of(&view.name) {
                     if let Some(version) = &view.version {
                         self.versions
@@ -417,6 +446,14 @@ fn parse_ts(text: &str) -> Option<Timestamp> {
     u64::try_from(ms).ok().map(Timestamp)
 }
 
+/// A command on an instance that does not exist has nothing to do.
+fn absent_is_done(result: Result<InstanceView, keelson_hosts::Error>) -> keelson_hosts::Result<()> {
+    match result {
+        Ok(_) | Err(keelson_hosts::Error::Api { status: 404, .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 async fn broadcast(subscribers: &Mutex<Vec<mpsc::Sender<InstanceEvent>>>, event: InstanceEvent) {
     let senders: Vec<_> = {
         let mut subs = subscribers.lock().unwrap_or_else(|e| e.into_inner());
@@ -485,31 +522,33 @@ impl Runtime for HostsRuntime {
                 let (host, track) = HostInstance::slot_and_track(instance);
                 self.start(host, track, version, Some(*generation)).await
             }
+            // All hosts at once: each call returns only once its host has
+            // done it (drained, stopped), so one after the other would add
+            // up every host's time.
             Command::TakeOffline { instances } => {
-                for (host, track) in self.targets(instances) {
-                    let name = self.instance_name(track);
-                    if self.view(&host, &name).await?.is_some() {
-                        self.client(&host)?.hold(&name).await.map_err(err)?;
-                    }
-                }
-                Ok(())
+                self.on_each(self.targets(instances), |client, name| async move {
+                    absent_is_done(client.hold(&name).await)
+                })
+                .await
             }
             Command::BringOnline { instances } => {
-                for (host, track) in self.targets(instances) {
-                    let name = self.instance_name(track);
-                    self.client(&host)?.release(&name).await.map_err(err)?;
-                }
-                Ok(())
+                self.on_each(self.targets(instances), |client, name| async move {
+                    client.release(&name).await.map(drop)
+                })
+                .await
             }
             Command::Stop { instances } => {
-                for id in instances {
-                    let (host, track) = HostInstance::slot_and_track(id);
-                    let name = self.instance_name(track);
-                    if self.view(host, &name).await?.is_some() {
-                        self.client(host)?.stop(&name).await.map_err(err)?;
-                    }
-                }
-                Ok(())
+                let targets = instances
+                    .iter()
+                    .map(|id| {
+                        let (host, track) = HostInstance::slot_and_track(id);
+                        (host.to_string(), track)
+                    })
+                    .collect();
+                self.on_each(targets, |client, name| async move {
+                    absent_is_done(client.stop(&name).await)
+                })
+                .await
             }
             Command::ScaleTrack { .. }
             | Command::RollTrack { .. }
