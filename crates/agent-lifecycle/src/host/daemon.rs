@@ -29,6 +29,7 @@ use super::api::{
 };
 use super::instance::{HostSpec, InstanceDir, SupervisorRecord};
 use super::server::{ChunkWriter, REQUEST_DEADLINE, Reply, Request, serve_admitting};
+use super::watch::Watch;
 use super::{INTERNAL_SUBCOMMAND, artifact, log};
 use crate::layout::{remove_if_present, write_json_atomic};
 use crate::output::{Output, rfc3339_now};
@@ -679,7 +680,8 @@ impl Daemon {
                         ),
                     ));
                 }
-                std::thread::sleep(Duration::from_millis(10));
+                // Briefly: a release starts the next version right after.
+                std::thread::sleep(Duration::from_millis(2));
             }
             if let Ok(mut children) = self.children.lock() {
                 children.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
@@ -782,11 +784,15 @@ fn stream_events(
     let mut first = true;
     let mut listed = Instant::now() - Duration::from_secs(1);
     let mut last_write = Instant::now();
+    let mut watch = Watch::new();
     loop {
-        if listed.elapsed() >= Duration::from_millis(200) {
+        if listed.elapsed() >= LIST_EVERY {
             let names = instance_names(state_dir);
             cursor.retain(|n, _| names.contains(n));
+            watch.begin();
+            watch.add(&state_dir.join("instances"));
             for name in names {
+                watch.add(&InstanceDir::new(state_dir, &name).logs());
                 cursor.entry(name).or_insert_with_key(|n| {
                     if first && request.start == StreamStart::End {
                         log::end_offset(&InstanceDir::new(state_dir, n).logs())
@@ -830,9 +836,12 @@ fn stream_events(
             w.send(b": keepalive\n\n")?;
             last_write = Instant::now();
         }
-        std::thread::sleep(Duration::from_millis(10));
+        watch.wait(LIST_EVERY.saturating_sub(listed.elapsed()));
     }
 }
+
+/// How often an event stream looks for instances deployed or deleted.
+const LIST_EVERY: Duration = Duration::from_millis(200);
 
 /// How long a stop may take: the offline sequence, the app's stop, a margin.
 fn roles_budget(doc: &LifecycleDocument) -> Duration {
@@ -852,6 +861,8 @@ fn stream_log(
 ) -> std::io::Result<()> {
     let mut next = offset;
     let mut last_write = Instant::now();
+    let mut watch = Watch::new();
+    watch.add(logs);
     loop {
         let chunk = match log::read_from(logs, next, 256 * 1024) {
             Ok(c) => c,
@@ -884,7 +895,8 @@ fn stream_log(
                 w.send(b": keepalive\n\n")?;
                 last_write = Instant::now();
             }
-            std::thread::sleep(Duration::from_millis(10));
+            // At most a second, to notice a stop or a deleted instance.
+            watch.wait(Duration::from_secs(1));
         }
     }
 }

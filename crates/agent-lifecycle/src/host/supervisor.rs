@@ -262,6 +262,7 @@ impl Supervisor {
         // The app is gone: the sidecar goes offline if needed, revokes the
         // lease and ends.
         sidecar_stop.store(true, Ordering::SeqCst);
+        sidecar.thread().unpark();
         let sidecar_result = sidecar
             .join()
             .unwrap_or_else(|_| Err("the sidecar thread panicked".into()));
@@ -503,10 +504,13 @@ impl Supervisor {
         );
         let grace = Duration::from_secs(u64::from(self.doc.stop_timeout_seconds));
         let deadline = Instant::now() + grace;
+        // Briefly: the next version starts only once this one is gone.
         let status = loop {
             match child.try_wait() {
                 Ok(Some(status)) => break Some(status),
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(POLL),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
                 _ => break None,
             }
         };
