@@ -7,7 +7,7 @@
 //!  runtime(app, env) ─► current revision ─► effective(env) ─► targets' hostGroups
 //!                                              │                    │
 //!                      deploy request per start ◄┘    registry: hosts of those groups
-//!                                              └──► HostsRuntime (cached per revision + hosts)
+//!                                              └──► HostsRuntime (kept per revision + hosts while a release uses it)
 //! ```
 
 use std::collections::{BTreeSet, HashMap};
@@ -143,7 +143,11 @@ impl Runtimes for ProfileRuntimes {
             &hosts,
             deploy,
         )?);
-        self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        // A runtime follows its hosts' event streams: keep only those a
+        // release still drives, not one per app that ever released.
+        cache.retain(|_, c| Arc::strong_count(&c.runtime) > 1);
+        cache.insert(
             id,
             Cached {
                 key,
