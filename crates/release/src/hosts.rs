@@ -140,8 +140,12 @@ impl HostsRuntime {
         // crash must not miss what happened while nobody listened (the
         // machine ignores news it already has, and news of replaced
         // processes by their generation).
+        let registry = OwnHosts {
+            store,
+            names: self.hosts.keys().cloned().collect(),
+        };
         let mut events = HostEvents::spawn(
-            Arc::new(store),
+            Arc::new(registry),
             StartAt::Beginning,
             1024,
             self.cancel.clone(),
@@ -444,6 +448,41 @@ fn parse_ts(text: &str) -> Option<Timestamp> {
     let days = era * 146_097 + doe - 719_468;
     let ms = ((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1000) + millis;
     u64::try_from(ms).ok().map(Timestamp)
+}
+
+/// The registry as one runtime sees it: only its own hosts, so that its
+/// event streams reach those hosts and not every host keelson knows.
+struct OwnHosts {
+    store: Store,
+    names: std::collections::BTreeSet<String>,
+}
+
+impl keelson_hosts::TargetRegistry for OwnHosts {
+    async fn targets(&self) -> keelson_hosts::Result<Vec<keelson_store::Target>> {
+        let mut targets = keelson_hosts::TargetRegistry::targets(&self.store).await?;
+        for target in &mut targets {
+            if let Some(hosts) = target
+                .spec
+                .config
+                .get_mut("hosts")
+                .and_then(|h| h.as_array_mut())
+            {
+                hosts.retain(|h| {
+                    h.get("name")
+                        .and_then(|n| n.as_str())
+                        .is_some_and(|n| self.names.contains(n))
+                });
+            }
+        }
+        Ok(targets)
+    }
+
+    async fn put_target(
+        &self,
+        target: &keelson_store::NewTarget,
+    ) -> keelson_hosts::Result<keelson_store::Target> {
+        keelson_hosts::TargetRegistry::put_target(&self.store, target).await
+    }
 }
 
 /// A command on an instance that does not exist has nothing to do.
