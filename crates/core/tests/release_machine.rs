@@ -308,6 +308,43 @@ fn policy_fail_fails_the_release_at_the_first_failure() {
     );
 }
 
+fn gone(id: &str, track: Track, version: &str, generation: Option<u64>) -> Event {
+    Event::Instance(InstanceEvent {
+        instance: InstanceId(id.into()),
+        track,
+        version: v(version),
+        generation,
+        change: InstanceChange::Gone,
+    })
+}
+
+#[test]
+fn a_new_instance_stopped_by_someone_else_before_online_fails_by_the_policy() {
+    let r = waiting(FailedInstancePolicy::Fail);
+    // News of the process the release replaced changes nothing.
+    let t = go(&r, gone("vm-0:0@blue", Track::Blue, "v2", None));
+    assert!(
+        matches!(t.release.status, Status::Running { .. }),
+        "{:?}",
+        t.release.status
+    );
+    let t = go(&r, gone("vm-0:0@blue", Track::Blue, "v2", Some(1)));
+    let Status::Failed { reason } = &t.release.status else {
+        panic!("{:?}", t.release.status)
+    };
+    assert!(reason.contains("stopped outside the release"), "{reason}");
+    // Under `recreate`, it is started again instead.
+    let r = waiting(FailedInstancePolicy::Recreate { max_attempts: 3 });
+    let t = go(&r, gone("vm-0:0@blue", Track::Blue, "v2", Some(1)));
+    assert!(
+        commands(&t)
+            .iter()
+            .any(|c| matches!(c, Command::Recreate { .. })),
+        "{:?}",
+        commands(&t)
+    );
+}
+
 #[test]
 fn policy_recreate_reissues_with_the_next_attempt_and_ignores_stale_news() {
     let r = waiting(FailedInstancePolicy::Recreate { max_attempts: 2 });

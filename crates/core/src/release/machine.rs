@@ -1034,6 +1034,21 @@ fn observe(r: &mut Release, event: &InstanceEvent, now: Timestamp) {
                 if o.state == OutcomeState::Online {
                     o.state = OutcomeState::Starting;
                 }
+            } else if o.state == OutcomeState::Starting
+                && event.generation == o.generation
+                && r.phase == Phase::Forward
+                && matches!(
+                    r.status,
+                    Status::Running { .. } | Status::Pausing { .. } | Status::Paused { .. }
+                )
+            {
+                // The process this release started was stopped before it
+                // came online, by someone else: it never will, so the
+                // failure policy decides instead of the progress deadline.
+                fail_record(
+                    o,
+                    "stopped outside the release before it came online".into(),
+                );
             }
         }
         InstanceChange::Offline => {}
