@@ -26,6 +26,7 @@ pub mod probes;
 pub mod process;
 pub mod roles;
 pub mod sidecar;
+mod watch;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;

@@ -188,7 +188,12 @@ pub fn run(config: SidecarConfig, output: Output, stop: Arc<AtomicBool>) -> Resu
     );
 
     spawn_server(listener, layout.clone(), shared.clone());
-    spawn_watcher(layout.clone(), shared.clone(), stop.clone());
+    spawn_watcher(
+        layout.clone(),
+        shared.clone(),
+        stop.clone(),
+        std::thread::current(),
+    );
     let grants = match &config.doc.authorization {
         Some(auth) => {
             let client = GrantClient::new(&auth.url, &auth.token_path, output.clone())
@@ -641,10 +646,24 @@ fn observe(layout: &Layout, stop: &AtomicBool) -> Observed {
     }
 }
 
-fn spawn_watcher(layout: Layout, shared: Arc<Shared>, stop: Arc<AtomicBool>) {
+/// Acknowledges offline requests, cancels a preOnline that must not go on,
+/// and wakes the control loop (`main`) when the traffic label or the run
+/// directory changes, so it acts at once rather than at its next tick.
+fn spawn_watcher(
+    layout: Layout,
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+    main: std::thread::Thread,
+) {
     std::thread::spawn(move || {
         let mut acked: Option<String> = None;
+        let mut watch = crate::watch::Watch::new();
         loop {
+            watch.begin();
+            if let Some(dir) = layout.labels.parent() {
+                watch.add(dir);
+            }
+            watch.add(&layout.run_dir());
             let seen = observe(&layout, &stop);
             if let Some(request) = &seen.offline_request
                 && acked.as_deref() != Some(request.id.as_str())
@@ -671,7 +690,9 @@ fn spawn_watcher(layout: Layout, shared: Arc<Shared>, stop: Arc<AtomicBool>) {
             if let Ok(mut v) = shared.view.lock() {
                 v.traffic_off = seen.traffic_off;
             }
-            std::thread::sleep(TICK);
+            if watch.wait(TICK) {
+                main.unpark();
+            }
         }
     });
 }

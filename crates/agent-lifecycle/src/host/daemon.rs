@@ -29,11 +29,11 @@ use super::api::{
 };
 use super::instance::{HostSpec, InstanceDir, SupervisorRecord};
 use super::server::{ChunkWriter, REQUEST_DEADLINE, Reply, Request, serve_admitting};
-use super::watch::Watch;
 use super::{INTERNAL_SUBCOMMAND, artifact, log};
 use crate::layout::{remove_if_present, write_json_atomic};
 use crate::output::{Output, rfc3339_now};
 use crate::process::{AppProcess, parse_stat};
+use crate::watch::Watch;
 
 /// How the daemon is run.
 #[derive(Debug, Clone)]

@@ -22,7 +22,6 @@ pub mod instance;
 pub mod log;
 pub mod server;
 pub mod supervisor;
-mod watch;
 
 use std::ffi::OsString;
 use std::path::PathBuf;

@@ -1,12 +1,13 @@
-//! Waiting for instance logs to grow: inotify on the directories a stream
-//! reads, so a stream with nothing new sleeps until a supervisor writes,
-//! instead of reading every log every few milliseconds (a host with many
-//! instances and followers would spend its CPU on that).
+//! Waiting for files to change: inotify on the directories a loop reads,
+//! so it sleeps until someone writes instead of reading every few
+//! milliseconds. The host daemon's log streams wait for supervisors to
+//! write; the sidecar's watcher wakes its control loop when the traffic
+//! label or an offline request changes.
 //!
 //! ```text
-//!  stream: read what is new ─► nothing? ─► Watch::wait(timeout) ─► read again
-//!                                          (wakes on a write in a watched
-//!                                           directory, or at the timeout)
+//!  loop: read what is new ─► nothing? ─► Watch::wait(timeout) ─► read again
+//!                                        (wakes on a write in a watched
+//!                                         directory, or at the timeout)
 //! ```
 //!
 //! Where inotify is not available (or a directory cannot be watched yet),
@@ -60,13 +61,14 @@ impl Watch {
         }
     }
 
-    /// Waits until a watched directory changes or `timeout` passes.
-    pub(crate) fn wait(&mut self, timeout: Duration) {
+    /// Waits until a watched directory changes (true) or `timeout` passes
+    /// (false; also when it cannot tell).
+    pub(crate) fn wait(&mut self, timeout: Duration) -> bool {
         let fd = match &self.fd {
             Some(fd) if self.complete => fd,
             _ => {
                 std::thread::sleep(FALLBACK.min(timeout));
-                return;
+                return false;
             }
         };
         let timespec = Timespec {
@@ -74,13 +76,17 @@ impl Watch {
             tv_nsec: timeout.subsec_nanos() as _,
         };
         let mut fds = [PollFd::new(fd, PollFlags::IN)];
-        if rustix::event::poll(&mut fds, Some(&timespec)).is_err() {
-            std::thread::sleep(FALLBACK.min(timeout));
-            return;
-        }
-        // Drain: what changed does not matter, the stream reads again.
+        let ready = match rustix::event::poll(&mut fds, Some(&timespec)) {
+            Ok(n) => n > 0,
+            Err(_) => {
+                std::thread::sleep(FALLBACK.min(timeout));
+                return false;
+            }
+        };
+        // Drain: what changed does not matter, the caller reads again.
         let mut buf = [0u8; 4096];
         while matches!(rustix::io::read(fd, &mut buf), Ok(n) if n > 0) {}
+        ready
     }
 }
 
@@ -100,7 +106,7 @@ mod tests {
             std::fs::write(path, "line\n").unwrap();
         });
         let started = Instant::now();
-        watch.wait(Duration::from_secs(20));
+        assert!(watch.wait(Duration::from_secs(20)), "woken by the write");
         writer.join().unwrap();
         watch.wait(Duration::from_millis(1)); // what the write left queued
         // Well before the timeout: the write woke it.
@@ -111,7 +117,7 @@ mod tests {
         );
         // Nothing new: the next wait runs to its timeout.
         let started = Instant::now();
-        watch.wait(Duration::from_millis(100));
+        assert!(!watch.wait(Duration::from_millis(100)), "nothing changed");
         assert!(
             started.elapsed() >= Duration::from_millis(90),
             "{:?}",
