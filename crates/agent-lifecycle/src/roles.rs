@@ -247,7 +247,6 @@ pub fn offline(
     };
     write_json_atomic(&layout.offline_request(), &request)
         .map_err(|e| format!("cannot write {}: {e}", layout.offline_request().display()))?;
-    crate::sidecar::wake();
     output.event(
         "offline_requested",
         &[("request", json!(request.id)), ("wait", json!(wait))],

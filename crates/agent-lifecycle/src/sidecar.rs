@@ -286,38 +286,18 @@ struct Sidecar {
     phase_entered: Instant,
 }
 
-/// The control loops of the sidecars in this process. Whoever changes what
-/// they watch from within the process (an offline request on hosts, where
-/// the supervisor runs the sidecar as a thread; the app's end) wakes them
-/// with [`wake`] instead of letting them find out at their next tick.
-static LOOPS: Mutex<Vec<std::thread::Thread>> = Mutex::new(Vec::new());
-
-/// Wakes the sidecar control loops of this process (none in a process
-/// without a sidecar, such as a pod's preStop).
-pub fn wake() {
-    for thread in LOOPS.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-        thread.unpark();
-    }
-}
-
 impl Sidecar {
+    /// Runs until the sidecar may exit; between passes it sleeps until its
+    /// next tick or until woken (the watcher on a change it saw, the
+    /// supervisor at the app's end).
     fn run_loop(&mut self) {
-        let me = std::thread::current();
-        LOOPS
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(me.clone());
         loop {
             let seen = observe(&self.config.layout, &self.stop);
             if self.step(&seen) {
-                break;
+                return;
             }
             std::thread::park_timeout(self.pause());
         }
-        LOOPS
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|t| t.id() != me.id());
     }
 
     /// How long to sleep before the next pass: until the next checkurl

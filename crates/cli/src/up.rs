@@ -241,22 +241,8 @@ async fn admin_token(store: &Store, data: &Path) -> anyhow::Result<String> {
             "keelson-up",
         )
         .await?;
-    write_private(&path, &issued.secret)?;
+    keelson_server::cli::write_private(&path, &issued.secret)?;
     Ok(issued.secret)
-}
-
-/// Writes a file only its owner may read.
-fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    file.write_all(text.as_bytes())?;
-    Ok(())
 }
 
 /// The local host daemons, each on a thread of this process.
@@ -279,7 +265,7 @@ impl LocalHosts {
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             let token_file = dir.join("host.token");
             if !token_file.exists() {
-                write_private(&token_file, &random_token()?)?;
+                keelson_server::cli::write_private(&token_file, &keelson_store::random_hex(32)?)?;
             }
             let address = format!("127.0.0.{}", n + 1);
             let listen = format!("{address}:{port}");
@@ -448,14 +434,6 @@ fn is_running(state: SupervisorState) -> bool {
         state,
         SupervisorState::Stopped | SupervisorState::Exited | SupervisorState::Failed
     )
-}
-
-fn random_token() -> anyhow::Result<String> {
-    let mut bytes = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
-        .context("cannot read /dev/urandom")?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Builds the demo, starts its first version where nothing runs yet, and

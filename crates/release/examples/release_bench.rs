@@ -157,21 +157,7 @@ fn now_ms() -> i64 {
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` (what the agent writes) to ms since the epoch.
 fn parse_ts(text: &str) -> Option<i64> {
-    let b = text.as_bytes();
-    if b.len() != 24 || b[4] != b'-' || b[10] != b'T' || b[19] != b'.' || b[23] != b'Z' {
-        return None;
-    }
-    let n = |r: std::ops::Range<usize>| text.get(r)?.parse::<i64>().ok();
-    let (y, m, d) = (n(0..4)?, n(5..7)?, n(8..10)?);
-    let (hh, mm, ss, ms) = (n(11..13)?, n(14..16)?, n(17..19)?, n(20..23)?);
-    // Days from civil (H. Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(((days * 24 + hh) * 60 + mm) * 60_000 + ss * 1000 + ms)
+    text.parse::<keelson_store::Timestamp>().ok().map(|t| t.0)
 }
 
 fn percentile(sorted: &[i64], p: f64) -> Option<i64> {

@@ -25,10 +25,11 @@ use keelson_core::release::{
     Timestamp, Version, step, summarize,
 };
 use keelson_store::{
-    CommitOutcome, JournalStatus, NewRelease, ReleaseChange, ReleaseCommit, ReleaseRecord, Store,
+    CommitOutcome, JournalStatus, NewRelease, ReleaseCommit, ReleaseRecord, Store,
+    next_release_change,
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
@@ -596,39 +597,12 @@ impl<P: Runtimes> Worker<P> {
                 }
                 // A new release is claimed at once; the poll covers
                 // expired leases and missed notifications.
-                () = created(&mut changes) => {}
+                () = next_release_change(&mut changes, |c| c.version == Some(1)) => {}
                 _ = tokio::time::sleep(self.config.poll) => {}
             }
         }
         while tasks.join_next().await.is_some() {}
         Ok(())
-    }
-}
-
-/// Returns when a release is created (or notifications were missed).
-async fn created(changes: &mut broadcast::Receiver<ReleaseChange>) {
-    loop {
-        match changes.recv().await {
-            Ok(change) if change.version == Some(1) => return,
-            Ok(_) => {}
-            Err(broadcast::error::RecvError::Lagged(_)) => return,
-            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
-        }
-    }
-}
-
-/// Returns when release `id` changes past `version` (or notifications
-/// were missed): someone else wrote it.
-async fn changed_past(changes: &mut broadcast::Receiver<ReleaseChange>, id: &str, version: i64) {
-    loop {
-        match changes.recv().await {
-            Ok(change) if change.id == id && change.version.is_some_and(|v| v > version) => {
-                return;
-            }
-            Ok(_) => {}
-            Err(broadcast::error::RecvError::Lagged(_)) => return,
-            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
-        }
     }
 }
 
@@ -1042,7 +1016,7 @@ impl Driver {
                     }
                     _ = tokio::time::sleep_until(renew_at) => Next::Renew,
                     _ = tokio::time::sleep_until(poll_at) => Next::Reload,
-                    () = changed_past(&mut changes, &id, version) => Next::Reload,
+                    () = next_release_change(&mut changes, |c| c.id == id && c.version.is_some_and(|v| v > version)) => Next::Reload,
                 }
             };
             match next {

@@ -428,26 +428,8 @@ async fn follow_hook(
 /// An agent timestamp (`YYYY-MM-DDTHH:MM:SS.mmmZ`, UTC) in milliseconds
 /// since the Unix epoch.
 fn parse_ts(text: &str) -> Option<Timestamp> {
-    let b = text.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' {
-        return None;
-    }
-    let num = |from: usize, to: usize| text.get(from..to)?.parse::<i64>().ok();
-    let (y, m, d) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
-    let (hh, mm, ss) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
-    let millis = match b[19] {
-        b'.' => num(20, 23)?,
-        _ => 0,
-    };
-    // Days from civil (H. Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let ms = ((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1000) + millis;
-    u64::try_from(ms).ok().map(Timestamp)
+    let at: keelson_store::Timestamp = text.parse().ok()?;
+    u64::try_from(at.0).ok().map(Timestamp)
 }
 
 /// The registry as one runtime sees it: only its own hosts, so that its

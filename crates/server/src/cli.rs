@@ -1094,22 +1094,26 @@ pub fn write_config(path: &std::path::Path, server: &str, token: &str) -> anyhow
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        options.mode(0o600);
-    }
-    let mut file = options
+    let text = format!(
+        "# keelson client configuration (written by `keelson login`)\nserver: {}\ntoken: {}\n",
+        serde_json::Value::String(server.into()),
+        serde_json::Value::String(token.into())
+    );
+    write_private(path, &text)
+}
+
+/// Writes `text` to `path` (replacing it), readable only by its owner.
+pub fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
         .open(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
-    writeln!(
-        file,
-        "# keelson client configuration (written by `keelson login`)"
-    )?;
-    writeln!(file, "server: {}", serde_json::Value::String(server.into()))?;
-    writeln!(file, "token: {}", serde_json::Value::String(token.into()))?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 

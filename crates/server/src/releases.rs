@@ -397,22 +397,6 @@ pub(crate) async fn rollback_release(
 /// store pushes changes; a notification can be missed).
 const EVENT_POLL: Duration = Duration::from_secs(1);
 
-/// Returns at the next change of release `id` (or when notifications were
-/// missed).
-async fn next_change_of(
-    changes: &mut tokio::sync::broadcast::Receiver<keelson_store::ReleaseChange>,
-    id: &str,
-) {
-    use tokio::sync::broadcast::error::RecvError;
-    loop {
-        match changes.recv().await {
-            Ok(change) if change.id == id => return,
-            Ok(_) => {}
-            Err(RecvError::Lagged(_)) => return,
-            Err(RecvError::Closed) => std::future::pending().await,
-        }
-    }
-}
 /// Events per read.
 const EVENT_PAGE: u32 = 200;
 
@@ -498,7 +482,7 @@ pub(crate) async fn release_events(
                 // missed notifications.
                 tokio::select! {
                     () = tokio::time::sleep(EVENT_POLL) => {}
-                    () = next_change_of(&mut c.changes, &c.id) => {}
+                    () = keelson_store::next_release_change(&mut c.changes, |change| change.id == c.id) => {}
                 }
             }
         }

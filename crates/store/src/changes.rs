@@ -51,6 +51,23 @@ impl ReleaseChange {
     }
 }
 
+/// Returns at the next change `wanted` accepts, or when changes were missed
+/// (the receiver lagged): either way the caller reads the store again. Never
+/// returns once the store is gone.
+pub async fn next_release_change(
+    changes: &mut broadcast::Receiver<ReleaseChange>,
+    wanted: impl Fn(&ReleaseChange) -> bool,
+) {
+    loop {
+        match changes.recv().await {
+            Ok(change) if wanted(&change) => return,
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Lagged(_)) => return,
+            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+        }
+    }
+}
+
 /// The broadcast of one store (all its clones).
 #[derive(Debug, Clone)]
 pub(crate) struct Changes {

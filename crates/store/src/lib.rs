@@ -41,14 +41,14 @@ pub use apps::{
 };
 pub use audit::{AuditEvent, AuditFilter, AuditPage};
 pub use catalog::{Environment, NewEnvironment, NewTarget, Target, TargetKind};
-pub use changes::ReleaseChange;
+pub use changes::{ReleaseChange, next_release_change};
 pub use error::{Error, Result};
 pub use releases::{
     CommitOutcome, JournalEntry, JournalStatus, NewRelease, ReleaseCommit, ReleaseEvent,
     ReleaseRecord,
 };
 pub use time::Timestamp;
-pub use tokens::{IssuedToken, NewToken, Role, SubjectKind, TokenRecord};
+pub use tokens::{IssuedToken, NewToken, Role, SubjectKind, TokenRecord, random_hex};
 
 /// Runs `$body` with `$pool` bound to the concrete pool of either backend.
 ///

@@ -17,6 +17,18 @@ impl Timestamp {
     }
 }
 
+impl std::str::FromStr for Timestamp {
+    type Err = String;
+
+    /// Reads what `Display` writes (`YYYY-MM-DDTHH:MM:SS[.mmm]Z`), which is
+    /// also what the agent stamps its events with.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        parse_rfc3339(text)
+            .map(Timestamp)
+            .ok_or_else(|| format!("invalid timestamp {text:?}"))
+    }
+}
+
 impl std::fmt::Display for Timestamp {
     /// `2026-11-22T00:10:44.123Z`
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -44,9 +56,7 @@ impl serde::Serialize for Timestamp {
 impl<'de> serde::Deserialize<'de> for Timestamp {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        parse_rfc3339(&text)
-            .map(Timestamp)
-            .ok_or_else(|| serde::de::Error::custom(format!("invalid timestamp {text:?}")))
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 

@@ -124,7 +124,9 @@ fn hash_secret(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
-fn random_hex(bytes: usize) -> Result<String> {
+/// `bytes` random bytes from the system's generator, as hex (secrets,
+/// token ids).
+pub fn random_hex(bytes: usize) -> Result<String> {
     let mut buf = vec![0u8; bytes];
     getrandom::fill(&mut buf)
         .map_err(|e| Error::Invalid(format!("no randomness available: {e}")))?;
