@@ -42,26 +42,31 @@ fn chain(r: &Release, events: Vec<Event>) -> Transition {
     t
 }
 
-fn online(id: &str, track: Track, version: &str, generation: Option<u64>) -> Event {
+fn news(
+    id: &str,
+    track: Track,
+    version: &str,
+    generation: Option<u64>,
+    change: InstanceChange,
+) -> Event {
     Event::Instance(InstanceEvent {
         instance: InstanceId(id.into()),
         track,
         version: v(version),
         generation,
-        change: InstanceChange::Online,
+        change,
     })
 }
 
+fn online(id: &str, track: Track, version: &str, generation: Option<u64>) -> Event {
+    news(id, track, version, generation, InstanceChange::Online)
+}
+
 fn failed(id: &str, track: Track, version: &str, generation: Option<u64>) -> Event {
-    Event::Instance(InstanceEvent {
-        instance: InstanceId(id.into()),
-        track,
-        version: v(version),
-        generation,
-        change: InstanceChange::Failed {
-            error: "image pull timed out".into(),
-        },
-    })
+    let change = InstanceChange::Failed {
+        error: "image pull timed out".into(),
+    };
+    news(id, track, version, generation, change)
 }
 
 fn hosts_release(slots: u32, strategy: Strategy, batch: u32, pause: Pause) -> Release {
@@ -309,13 +314,7 @@ fn policy_fail_fails_the_release_at_the_first_failure() {
 }
 
 fn gone(id: &str, track: Track, version: &str, generation: Option<u64>) -> Event {
-    Event::Instance(InstanceEvent {
-        instance: InstanceId(id.into()),
-        track,
-        version: v(version),
-        generation,
-        change: InstanceChange::Gone,
-    })
+    news(id, track, version, generation, InstanceChange::Gone)
 }
 
 #[test]
