@@ -15,7 +15,6 @@
 //! (its later lines are still forwarded, tagged with the step).
 
 use std::io::{BufRead, BufReader, Read};
-use std::os::fd::OwnedFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Component, Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -138,20 +137,20 @@ impl HookRunner {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
-        let mut forwarder = self.forwarder.as_ref().and_then(|exe| {
-            let mut f = Command::new(exe)
-                .arg("tag")
-                .arg(step)
-                .stdin(Stdio::piped())
-                .spawn()
-                .ok()?;
-            let pipe: OwnedFd = f.stdin.take()?.into();
-            let copy = pipe.try_clone().ok()?;
-            command.stdout(Stdio::from(pipe)).stderr(Stdio::from(copy));
-            Some(f)
+        // With a forwarder, the hook writes into a pipe the forwarder reads
+        // once `hook_started` is out, so no line of the hook can come
+        // before it (the forwarder writes to our output on its own).
+        let forward_pipe = self.forwarder.as_ref().and_then(|_| {
+            let (reader, writer) = std::io::pipe().ok()?;
+            let copy = writer.try_clone().ok()?;
+            command
+                .stdout(Stdio::from(writer))
+                .stderr(Stdio::from(copy));
+            Some(reader)
         });
         let spawned = command.spawn();
-        // Our copies of the forwarder's pipe must close, or it never sees EOF.
+        // Our copies of the pipe's writing end must close, or its reader
+        // never sees EOF.
         drop(command);
         let mut child = match spawned {
             Ok(c) => c,
@@ -171,6 +170,24 @@ impl HookRunner {
         );
         let (done_tx, done_rx) = mpsc::channel();
         let mut readers = 0;
+        let mut forwarder = None;
+        if let (Some(reader), Some(exe)) = (forward_pipe, &self.forwarder) {
+            let spawned = reader.try_clone().and_then(|pipe| {
+                Command::new(exe)
+                    .arg("tag")
+                    .arg(step)
+                    .stdin(Stdio::from(pipe))
+                    .spawn()
+            });
+            match spawned {
+                Ok(f) => forwarder = Some(f),
+                // Without the forwarder, this process tags the lines itself.
+                Err(_) => {
+                    readers += 1;
+                    self.forward(step, reader, done_tx.clone());
+                }
+            }
+        }
         if let Some(out) = child.stdout.take() {
             readers += 1;
             self.forward(step, out, done_tx.clone());
